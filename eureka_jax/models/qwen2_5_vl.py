@@ -1,0 +1,617 @@
+"""Qwen2.5-VL (vision tower + language model) in Flax NNX, numerically equal to transformers.
+
+Why NNX: it is Flax's current API; modules are plain Python objects holding `nnx.Param`s, so the
+port reads like the PyTorch reference it must match, parameters carry their logical sharding axes as
+metadata (see eureka_jax/sharding.py), and `nnx.split` gives the (graphdef, state) pair that the
+trainer and sampler pass through `jax.jit` as ordinary pytrees.
+
+Static shapes. The host (eureka_jax/processing.py) turns every prompt's images into one padded
+stream of patches per batch row, already permuted into the window order the reference uses, with
+segment ids that say which patches may attend to each other (same window, or same image for the
+full-attention blocks). The language model takes 3-D M-RoPE positions computed on the host and a
+`token_source` map that says which merged vision token fills each <|image_pad|> slot. Nothing in
+this file depends on the number or sizes of images, so one compiled program serves a shape bucket.
+
+Attention masks are expressed in key slots: a query at cache slot q may read key slot s when
+`kv_valid[b, s]` and `s <= q`. The same rule serves a teacher-forced forward (slots = positions in
+the sequence), a prefill into a KV cache, and single-token decoding.
+
+Einsum letters: B batch, T query length, S key length, N heads, K kv heads, G query heads per kv
+head, H head dim, D model dim, F mlp dim, V vocab, P patches, C patch features, M merged tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from eureka_jax.errors import InputError
+from eureka_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+VISION_NORM_EPS = 1e-6  # hard-coded in the reference vision tower
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_features(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    # Runtime choices, not part of a Hugging Face checkpoint.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
+    freeze_vision: bool = False  # stop gradients at the vision tower's output
+
+    def __post_init__(self):
+        for field in ("param_dtype", "compute_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise InputError(f"model.{field} must be one of {sorted(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
+        text, vision = self.text, self.vision
+        if text.hidden_size % text.num_attention_heads:
+            raise InputError("text hidden_size must be divisible by num_attention_heads")
+        if text.num_attention_heads % text.num_key_value_heads:
+            raise InputError("num_attention_heads must be divisible by num_key_value_heads")
+        if sum(text.mrope_section) * 2 != text.head_dim:
+            raise InputError(
+                f"mrope_section {text.mrope_section} must sum to head_dim/2 = {text.head_dim // 2}"
+            )
+        if vision.out_hidden_size != text.hidden_size:
+            raise InputError("vision out_hidden_size must equal the text hidden_size")
+        if vision.hidden_size % vision.num_heads or vision.head_dim % 4:
+            raise InputError("vision head_dim must be an integer divisible by 4 (2-D rotary)")
+
+    def replace(self, **changes) -> Qwen25VLConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any], **runtime) -> Qwen25VLConfig:
+        """From a Hugging Face config.json: text fields flat (hub) or nested in text_config."""
+        model_type = hf.get("model_type")
+        architectures = hf.get("architectures") or []
+        if model_type != "qwen2_5_vl" and "Qwen2_5_VLForConditionalGeneration" not in architectures:
+            raise InputError(
+                f"config.json describes model_type={model_type!r} architectures={architectures}; "
+                "eureka_jax supports Qwen2.5-VL (model_type 'qwen2_5_vl') only"
+            )
+        text = {**hf, **(hf.get("text_config") or {})}
+        if text.get("use_sliding_window"):
+            raise InputError("use_sliding_window=true is not supported (Qwen2.5-VL does not use it)")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", text.get("rope_theta", TextConfig.rope_theta))
+        mrope_section = rope.get("mrope_section", TextConfig.mrope_section)
+        vision = dict(hf.get("vision_config") or {})
+        vision_rope = vision.get("rope_parameters") or {}
+        vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
+        vision_kwargs = {k: v for k, v in vision.items() if k in vision_fields}
+        if "in_chans" in vision:  # older hub configs
+            vision_kwargs.setdefault("in_channels", vision["in_chans"])
+        vision_kwargs["fullatt_block_indexes"] = tuple(
+            vision.get("fullatt_block_indexes", VisionConfig.fullatt_block_indexes)
+        )
+        vision_kwargs["rope_theta"] = vision_rope.get("rope_theta", VisionConfig.rope_theta)
+        text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+        text_kwargs = {k: v for k, v in text.items() if k in text_fields}
+        text_kwargs.update(rope_theta=float(rope_theta), mrope_section=tuple(mrope_section))
+        if text_kwargs.get("num_key_value_heads") is None:
+            text_kwargs["num_key_value_heads"] = text_kwargs.get("num_attention_heads", 28)
+        tie = bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+        ids = {
+            k: hf[k]
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+            if k in hf
+        }
+        return cls(
+            vision=VisionConfig(**vision_kwargs),
+            text=TextConfig(**text_kwargs),
+            tie_word_embeddings=tie,
+            **ids,
+            **runtime,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers loads as Qwen2_5_VLForConditionalGeneration."""
+        text = dataclasses.asdict(self.text)
+        mrope_section = list(text.pop("mrope_section"))
+        rope_theta = text.pop("rope_theta")
+        text.update(
+            model_type="qwen2_5_vl_text",
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": rope_theta,
+                "mrope_section": mrope_section,
+            },
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        vision = dataclasses.asdict(self.vision)
+        vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
+        vision.update(model_type="qwen2_5_vl_vision")
+        vision.pop("rope_theta")
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "text_config": text,
+            "vision_config": vision,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and cache
+# ---------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class VisionInputs:
+    """One padded, window-ordered patch stream per batch row (see eureka_jax/processing.py)."""
+
+    patches_BxPxC: jax.Array  # float pixel patches
+    pos_hw_BxPx2: jax.Array  # int32 (row, column) of each patch for the 2-D rotary embedding
+    window_segment_BxP: jax.Array  # int32 attention-window id; -1 marks padding
+    image_segment_BxP: jax.Array  # int32 image id (full-attention blocks); -1 marks padding
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values, [B, S, K, H] each; slot s holds the token written at s."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: Qwen25VLConfig, batch: int, length: int) -> KVCache:
+        text = config.text
+        shape = (batch, length, text.num_key_value_heads, text.head_dim)
+        dtype = DTYPES[config.compute_dtype]
+        layers = range(text.num_hidden_layers)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return jax.random.normal(rngs.params(), shape, dtype) * std
+
+
+def _precision(dtype):
+    # float32 compute must mean float32 matmuls on TPU too, where the default is one bf16 pass.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=name != "gelu")
+    raise InputError(f"unsupported hidden_act {name!r}: use silu or gelu")
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (Hugging Face stores [out, in])."""
+
+    def __init__(self, d_in, d_out, axes, *, use_bias, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        param_dtype = DTYPES[config.param_dtype]
+        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), param_dtype), logical_axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((d_out,), param_dtype), logical_axes=(axes[1],))
+            if use_bias
+            else None
+        )
+        self.dtype = DTYPES[config.compute_dtype]
+
+    def __call__(self, x):
+        y = jnp.dot(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision=_precision(self.dtype)
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, config: Qwen25VLConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), DTYPES[config.param_dtype]), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Statistics in float32 whatever the compute dtype, as the reference does.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU, with biases in the vision tower only."""
+
+    def __init__(self, d_model, d_ff, act, axes, *, use_bias, config, rngs):
+        embed_axis, mlp_axis = axes
+        self.gate_proj = Dense(d_model, d_ff, axes, use_bias=use_bias, config=config, rngs=rngs)
+        self.up_proj = Dense(d_model, d_ff, axes, use_bias=use_bias, config=config, rngs=rngs)
+        self.down_proj = Dense(
+            d_ff, d_model, (mlp_axis, embed_axis), use_bias=use_bias, config=config, rngs=rngs
+        )
+        self.act = _activation(act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _apply_rotary(x, cos, sin):
+    """Rotary embedding in float32, cast back; cos/sin broadcast over the heads axis."""
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+
+
+def _inverse_frequencies(theta: float, dim: int) -> jax.Array:
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return jnp.asarray(1.0 / (np.float32(theta) ** exponents), jnp.float32)
+
+
+def _masked_softmax(scores, mask):
+    # A finite fill value keeps fully-masked rows (left padding) finite, as the reference does.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision tower
+# ---------------------------------------------------------------------------------------------
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        vision = config.vision
+        d = vision.hidden_size
+        self.num_heads = vision.num_heads
+        self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_qkv"), use_bias=True, config=config,
+                         rngs=rngs)
+        self.proj = Dense(d, d, ("vision_qkv", "vision_embed"), use_bias=True, config=config,
+                          rngs=rngs)
+
+    def __call__(self, x_BxPxD, cos_BxPxH, sin_BxPxH, segment_BxP):
+        b, p, d = x_BxPxD.shape
+        qkv = self.qkv(x_BxPxD).reshape(b, p, 3, self.num_heads, d // self.num_heads)
+        q_BxPxNxH, k_BxPxNxH, v_BxPxNxH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_BxPxNxH = _apply_rotary(q_BxPxNxH, cos_BxPxH, sin_BxPxH)
+        k_BxPxNxH = _apply_rotary(k_BxPxNxH, cos_BxPxH, sin_BxPxH)
+        scale = (d // self.num_heads) ** -0.5
+        scores_BxNxPxP = jnp.einsum(
+            "bpnh,bsnh->bnps", q_BxPxNxH, k_BxPxNxH, preferred_element_type=jnp.float32,
+            precision=_precision(q_BxPxNxH.dtype),
+        ) * scale
+        mask_Bx1xPxP = (segment_BxP[:, :, None] == segment_BxP[:, None, :])[:, None]
+        probs = _masked_softmax(scores_BxNxPxP, mask_Bx1xPxP).astype(v_BxPxNxH.dtype)
+        out_BxPxNxH = jnp.einsum(
+            "bnps,bsnh->bpnh", probs, v_BxPxNxH, precision=_precision(v_BxPxNxH.dtype)
+        )
+        return self.proj(out_BxPxNxH.reshape(b, p, d))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        vision = config.vision
+        self.norm1 = RMSNorm(vision.hidden_size, VISION_NORM_EPS, config)
+        self.norm2 = RMSNorm(vision.hidden_size, VISION_NORM_EPS, config)
+        self.attn = VisionAttention(config, rngs)
+        self.mlp = GatedMLP(
+            vision.hidden_size, vision.intermediate_size, vision.hidden_act,
+            ("vision_embed", "vision_mlp"), use_bias=True, config=config, rngs=rngs,
+        )
+
+    def __call__(self, x_BxPxD, cos, sin, segment_BxP):
+        x_BxPxD = x_BxPxD + self.attn(self.norm1(x_BxPxD), cos, sin, segment_BxP)
+        return x_BxPxD + self.mlp(self.norm2(x_BxPxD))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then 2x2 neighbouring patches (consecutive rows) concatenated and projected."""
+
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        vision = config.vision
+        merged = vision.hidden_size * vision.merge_unit
+        self.merge_unit = vision.merge_unit
+        self.ln_q = RMSNorm(vision.hidden_size, VISION_NORM_EPS, config)
+        self.fc1 = Dense(merged, merged, ("vision_mlp", "vision_embed"), use_bias=True,
+                         config=config, rngs=rngs)
+        self.fc2 = Dense(merged, vision.out_hidden_size, ("vision_embed", "embed"), use_bias=True,
+                         config=config, rngs=rngs)
+
+    def __call__(self, x_BxPxD):
+        b, p, d = x_BxPxD.shape
+        x_BxMxC = self.ln_q(x_BxPxD).reshape(b, p // self.merge_unit, d * self.merge_unit)
+        # nn.GELU() in the reference is the exact (erf) form.
+        return self.fc2(jax.nn.gelu(self.fc1(x_BxMxC), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        vision = config.vision
+        self.config = vision
+        self.dtype = DTYPES[config.compute_dtype]
+        # Conv3d with stride == kernel over a flattened patch is a matmul; no bias in the reference.
+        self.patch_embed = nnx.Param(
+            _normal(rngs, (vision.patch_features, vision.hidden_size), DTYPES[config.param_dtype]),
+            logical_axes=("patch", "vision_embed"),
+        )
+        self.blocks = nnx.List([VisionBlock(config, rngs) for _ in range(vision.depth)])
+        self.merger = PatchMerger(config, rngs)
+
+    def __call__(self, inputs: VisionInputs) -> jax.Array:
+        """Window-ordered patches -> merged tokens [B, P/4, out_hidden_size] in window order."""
+        x_BxPxD = jnp.dot(
+            inputs.patches_BxPxC.astype(self.dtype),
+            self.patch_embed[...].astype(self.dtype),
+            precision=_precision(self.dtype),
+        )
+        x_BxPxD = constrain(x_BxPxD, ("batch", "length", "act_embed"))
+        inv_freq = _inverse_frequencies(self.config.rope_theta, self.config.head_dim // 2)
+        pos = inputs.pos_hw_BxPx2.astype(jnp.float32)
+        freqs_h = pos[..., 0:1] * inv_freq
+        freqs_w = pos[..., 1:2] * inv_freq
+        freqs = jnp.concatenate([freqs_h, freqs_w], axis=-1)
+        freqs_BxPxH = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(freqs_BxPxH), jnp.sin(freqs_BxPxH)
+        full_attention = set(self.config.fullatt_block_indexes)
+        for index, block in enumerate(self.blocks):
+            segment = inputs.image_segment_BxP if index in full_attention else inputs.window_segment_BxP
+            x_BxPxD = block(x_BxPxD, cos, sin, segment)
+        return self.merger(x_BxPxD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Language model
+# ---------------------------------------------------------------------------------------------
+
+
+def mrope_cos_sin(positions_3xBxT, inv_freq, mrope_section):
+    """M-RoPE: rotary frequency j uses the temporal, height or width position by mrope_section."""
+    freqs_3xBxTxJ = positions_3xBxT.astype(jnp.float32)[..., None] * inv_freq
+    section_of = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+    select_3xJ = jnp.asarray(np.arange(3)[:, None] == section_of[None, :], jnp.float32)
+    freqs_BxTxJ = jnp.sum(freqs_3xBxTxJ * select_3xJ[:, None, None, :], axis=0)
+    freqs_BxTxH = jnp.concatenate([freqs_BxTxJ, freqs_BxTxJ], axis=-1)
+    return jnp.cos(freqs_BxTxH), jnp.sin(freqs_BxTxH)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with q/k/v biases, M-RoPE, and an optional KV cache."""
+
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        text = config.text
+        d, h = text.hidden_size, text.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            text.num_attention_heads, text.num_key_value_heads, h,
+        )
+        kw = dict(config=config, rngs=rngs)
+        self.q_proj = Dense(d, self.num_heads * h, ("embed", "heads"), use_bias=True, **kw)
+        self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index):
+        b, t, _ = x_BxTxD.shape
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BxTxNxH = _apply_rotary(self.q_proj(x_BxTxD).reshape(b, t, n, h), cos, sin)
+        k_BxTxKxH = _apply_rotary(self.k_proj(x_BxTxD).reshape(b, t, k, h), cos, sin)
+        v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
+        if cache_kv is None:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+            new_cache_kv = None
+        else:
+            start = (0, write_index, 0, 0)
+            k_BxSxKxH = jax.lax.dynamic_update_slice(
+                cache_kv[0], k_BxTxKxH.astype(cache_kv[0].dtype), start)
+            v_BxSxKxH = jax.lax.dynamic_update_slice(
+                cache_kv[1], v_BxTxKxH.astype(cache_kv[1].dtype), start)
+            new_cache_kv = (k_BxSxKxH, v_BxSxKxH)
+        s = k_BxSxKxH.shape[1]
+        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+            preferred_element_type=jnp.float32, precision=_precision(q_BxTxKxGxH.dtype),
+        ) * (h**-0.5)
+        causal_BxTxS = jnp.arange(s)[None, None, :] <= q_slot_BxT[:, :, None]
+        mask_BxTxS = causal_BxTxS & kv_valid_BxS[:, None, :]
+        probs = _masked_softmax(scores, mask_BxTxS[:, None, None]).astype(v_BxSxKxH.dtype)
+        out_BxTxKxGxH = jnp.einsum(
+            "bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype)
+        )
+        return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), new_cache_kv
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        text = config.text
+        self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps, config)
+        self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps, config)
+        self.self_attn = Attention(config, rngs)
+        self.mlp = GatedMLP(
+            text.hidden_size, text.intermediate_size, text.hidden_act, ("embed", "mlp"),
+            use_bias=False, config=config, rngs=rngs,
+        )
+
+    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index):
+        attn_out, new_cache_kv = self.self_attn(
+            self.input_layernorm(x_BxTxD), cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv,
+            write_index,
+        )
+        x_BxTxD = x_BxTxD + attn_out
+        x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "length", "act_embed")), new_cache_kv
+
+
+def _apply_layer(layer, x, cos, sin, kv_valid, q_slot, cache_kv, write_index):
+    return layer(x, cos, sin, kv_valid, q_slot, cache_kv, write_index)
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2_5_VLForConditionalGeneration: vision tower, decoder, (tied or untied) LM head."""
+
+    def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
+        text = config.text
+        self.config = config
+        self.dtype = DTYPES[config.compute_dtype]
+        self.visual = VisionTower(config, rngs)
+        self.embed_tokens = nnx.Param(
+            _normal(rngs, (text.vocab_size, text.hidden_size), DTYPES[config.param_dtype]),
+            logical_axes=("vocab", "embed"),
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(text.num_hidden_layers)])
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps, config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Dense(text.hidden_size, text.vocab_size, ("embed", "vocab"), use_bias=False,
+                       config=config, rngs=rngs)
+        )
+
+    # -- pieces the sampler and trainer call separately --------------------------------------
+
+    def encode_images(self, vision: VisionInputs) -> jax.Array:
+        features_BxMxD = self.visual(vision)
+        if self.config.freeze_vision:
+            features_BxMxD = jax.lax.stop_gradient(features_BxMxD)
+        return features_BxMxD
+
+    def embed(self, input_ids_BxT, image_features_BxMxD=None, token_source_BxT=None):
+        """Token embeddings with <|image_pad|> slots replaced by their merged vision tokens."""
+        x_BxTxD = jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.dtype)
+        if image_features_BxMxD is not None:
+            source = jnp.clip(token_source_BxT, 0, image_features_BxMxD.shape[1] - 1)
+            gathered = jnp.take_along_axis(image_features_BxMxD, source[..., None], axis=1)
+            x_BxTxD = jnp.where(token_source_BxT[..., None] >= 0, gathered.astype(self.dtype),
+                                x_BxTxD)
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+    def decode(self, x_BxTxD, positions_3xBxT, kv_valid_BxS, cache: KVCache | None = None,
+               write_index=0):
+        """Decoder stack. Without a cache, keys are the T inputs themselves (S == T)."""
+        text = self.config.text
+        inv_freq = _inverse_frequencies(text.rope_theta, text.head_dim)
+        cos, sin = mrope_cos_sin(positions_3xBxT, inv_freq, text.mrope_section)
+        b, t, _ = x_BxTxD.shape
+        q_slot_BxT = jnp.broadcast_to(write_index + jnp.arange(t), (b, t))
+        layer_fn = _apply_layer
+        policy = REMAT_POLICIES[self.config.remat]
+        if self.config.remat != "none":
+            layer_fn = nnx.remat(_apply_layer, policy=policy)
+        new_k, new_v = [], []
+        for index, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[index], cache.v[index])
+            x_BxTxD, layer_cache = layer_fn(
+                layer, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index
+            )
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        hidden_BxTxD = self.norm(x_BxTxD)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        return hidden_BxTxD, new_cache
+
+    def logits(self, hidden_BxTxD):
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden_BxTxD)
+        else:
+            embedding = self.embed_tokens[...].astype(self.dtype)
+            logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, embedding,
+                                precision=_precision(self.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    # -- the teacher-forced forward ----------------------------------------------------------
+
+    def __call__(self, input_ids_BxT, positions_3xBxT, attention_mask_BxT,
+                 vision: VisionInputs | None = None, token_source_BxT=None):
+        """Logits [B, T, V] for a (possibly left-padded) batch, no cache."""
+        features = None if vision is None else self.encode_images(vision)
+        x_BxTxD = self.embed(input_ids_BxT, features, token_source_BxT)
+        hidden, _ = self.decode(x_BxTxD, positions_3xBxT, attention_mask_BxT.astype(bool))
+        return self.logits(hidden)
