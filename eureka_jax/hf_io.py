@@ -379,8 +379,9 @@ def export_model(model: Qwen25VL, output_dir: str | os.PathLike, *,
 
 def copy_tokenizer_files(source_dir: Path, output: Path) -> None:
     for name in TOKENIZER_FILES:
-        if (source_dir / name).exists() and (source_dir / name).resolve() != (output / name).resolve():
-            shutil.copy2(source_dir / name, output / name)
+        source, target = source_dir / name, output / name
+        if source.exists() and source.resolve() != target.resolve():
+            shutil.copy2(source, target)
 
 
 def init_model(config: Qwen25VLConfig, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES,

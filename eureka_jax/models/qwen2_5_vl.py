@@ -147,7 +147,9 @@ class Qwen25VLConfig:
             )
         text = {**hf, **(hf.get("text_config") or {})}
         if text.get("use_sliding_window"):
-            raise InputError("use_sliding_window=true is not supported (Qwen2.5-VL does not use it)")
+            raise InputError(
+                "use_sliding_window=true is not supported (Qwen2.5-VL does not use it)"
+            )
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         rope_theta = rope.get("rope_theta", text.get("rope_theta", TextConfig.rope_theta))
         mrope_section = rope.get("mrope_section", TextConfig.mrope_section)
@@ -167,11 +169,9 @@ class Qwen25VLConfig:
         if text_kwargs.get("num_key_value_heads") is None:
             text_kwargs["num_key_value_heads"] = text_kwargs.get("num_attention_heads", 28)
         tie = bool(hf.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
-        ids = {
-            k: hf[k]
-            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-            if k in hf
-        }
+        id_fields = ("image_token_id", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id")
+        ids = {k: hf[k] for k in id_fields if k in hf}
         return cls(
             vision=VisionConfig(**vision_kwargs),
             text=TextConfig(**text_kwargs),
@@ -282,9 +282,8 @@ class Dense(nnx.Module):
         self.dtype = DTYPES[config.compute_dtype]
 
     def __call__(self, x):
-        y = jnp.dot(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision=_precision(self.dtype)
-        )
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel, precision=_precision(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -441,7 +440,8 @@ class VisionTower(nnx.Module):
         cos, sin = jnp.cos(freqs_BxPxH), jnp.sin(freqs_BxPxH)
         full_attention = set(self.config.fullatt_block_indexes)
         for index, block in enumerate(self.blocks):
-            segment = inputs.image_segment_BxP if index in full_attention else inputs.window_segment_BxP
+            full = index in full_attention
+            segment = inputs.image_segment_BxP if full else inputs.window_segment_BxP
             x_BxPxD = block(x_BxPxD, cos, sin, segment)
         return self.merger(x_BxPxD)
 
