@@ -1,0 +1,249 @@
+"""The group sampler: P prompts x G samples in one compiled program per shape bucket.
+
+    vision tower once per prompt -> prefill once per prompt into a KV cache -> the cache is repeated
+    for the G samples of each group -> lax.while_loop decoding (temperature / top-k / top-p, stop
+    ids) that ends when every sample has stopped -> tokens, log-probs, lengths, finish reasons.
+
+The parameters are an argument of the compiled function (not constants baked into it), so the
+trainer calls the same program with its current weights: no second inference engine, no weight
+copy. Log-probs are computed in float32 from the same logits the trainer recomputes, so the
+sampler/trainer mismatch is zero up to the order of floating-point reductions.
+
+Reproducibility: the random key of sample g of a prompt at decoding step i is
+fold_in(fold_in(fold_in(seed, prompt_key), g), i). `prompt_key` is supplied per prompt by the
+caller (a dataset index, say), so a sample does not depend on which batch, row or mesh it ran in.
+
+Reads per decoding step: all parameters once, plus the whole KV cache buffer of every sample
+(prompt bucket + max_new_tokens slots; unfilled slots are masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from eureka_jax.errors import InputError
+from eureka_jax.models.qwen2_5_vl import KVCache, Qwen25VL, VisionInputs
+from eureka_jax.sharding import constrain
+
+FINISH_STOP, FINISH_LENGTH = 1, 2
+FINISH_REASONS = {0: "running", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling settings (a change compiles a new program)."""
+
+    num_samples: int = 1  # G: samples per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus sampling
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise InputError(f"sampling.num_samples must be >= 1 (got {self.num_samples})")
+        if self.max_new_tokens < 1:
+            raise InputError(f"sampling.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not self.greedy and self.temperature <= 0:
+            raise InputError("sampling.temperature must be > 0 (use greedy=True for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"sampling.top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise InputError(f"sampling.top_k must be >= 0 (got {self.top_k})")
+
+
+@struct.dataclass
+class PromptBatch:
+    """Device-ready prompts, left-padded to a length bucket (see processing.prompt_batch)."""
+
+    input_ids_BxT: jax.Array  # int32
+    attention_mask_BxT: jax.Array  # bool, False on left padding
+    positions_3xBxT: jax.Array  # int32 M-RoPE positions
+    next_position_B: jax.Array  # int32: position of the first generated token (max + 1)
+    prompt_key_B: jax.Array  # uint32: per-prompt seed component (reproducibility)
+    token_source_BxT: jax.Array  # int32: merged vision token filling each image slot, else -1
+    vision: VisionInputs | None = None
+
+
+@struct.dataclass
+class SampleOutput:
+    """N = P*G samples, prompt-major (sample g of prompt p is row p*G + g)."""
+
+    tokens_NxL: jax.Array  # int32 generated ids; 0 after the end
+    logprobs_NxL: jax.Array  # float32 log-prob of each token under its sampling distribution
+    lengths_N: jax.Array  # int32 generated tokens, including the stop token
+    finish_N: jax.Array  # int32: FINISH_STOP or FINISH_LENGTH
+
+
+@struct.dataclass
+class _DecodeState:
+    step: jax.Array  # int32 scalar: tokens generated so far
+    last_token_N: jax.Array  # int32: the token to feed next
+    tokens_NxL: jax.Array
+    logprobs_NxL: jax.Array
+    done_N: jax.Array  # bool
+    finish_N: jax.Array
+    cache: KVCache
+
+
+def filter_logits(logits_NxV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p (the order transformers uses); float32 out."""
+    logits = logits_NxV.astype(jnp.float32) / config.temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, neg_inf, logits)
+    if config.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+        # is still below top_p (so the most likely token always stays).
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = mass_before < config.top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg_inf)
+    return logits
+
+
+def _choose(logits_NxV, keys_N, config: SamplingConfig):
+    """(token, log-prob of the token under the distribution it was drawn from)."""
+    if config.greedy:
+        logp_NxV = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
+        token_N = jnp.argmax(logp_NxV, axis=-1)
+    else:
+        filtered = filter_logits(logits_NxV, config)
+        logp_NxV = jax.nn.log_softmax(filtered, axis=-1)
+        token_N = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_N, filtered)
+    logp_N = jnp.take_along_axis(logp_NxV, token_N[:, None], axis=-1)[:, 0]
+    return token_N.astype(jnp.int32), logp_N
+
+
+def _sample_keys(seed, prompt_key_N, sample_index_N, step):
+    base = jax.random.key(seed)
+
+    def key_of(prompt_key, sample_index):
+        key = jax.random.fold_in(jax.random.fold_in(base, prompt_key), sample_index)
+        return jax.random.fold_in(key, step)
+
+    return jax.vmap(key_of)(prompt_key_N, sample_index_N)
+
+
+def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) -> SampleOutput:
+    """Pure function of (model, batch, seed): trace it under jit (see `Sampler`)."""
+    group = config.num_samples
+    p, t = batch.input_ids_BxT.shape
+    n, max_new = p * group, config.max_new_tokens
+    stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
+
+    # Prompt: vision tower and prefill once per prompt.
+    features = None if batch.vision is None else model.encode_images(batch.vision)
+    x_BxTxD = model.embed(batch.input_ids_BxT, features, batch.token_source_BxT)
+    kv_valid_BxS = jnp.concatenate(
+        [batch.attention_mask_BxT.astype(bool), jnp.ones((p, max_new), bool)], axis=1)
+    cache = KVCache.zeros(model.config, p, t + max_new)
+    hidden_BxTxD, cache = model.decode(x_BxTxD, batch.positions_3xBxT, kv_valid_BxS, cache, 0)
+    first_logits_BxV = model.logits(hidden_BxTxD[:, -1:])[:, 0]
+
+    # The group shares its prompt: repeat the cache rows instead of prefilling G times.
+    def repeat(x):
+        return jnp.repeat(x, group, axis=0)
+
+    cache = jax.tree.map(
+        lambda c: constrain(repeat(c), ("batch", "cache_length", "act_kv_heads", "head_dim")),
+        cache)
+    kv_valid_NxS = repeat(kv_valid_BxS)
+    next_position_N = repeat(batch.next_position_B)
+    prompt_key_N = repeat(batch.prompt_key_B)
+    sample_index_N = jnp.tile(jnp.arange(group, dtype=jnp.uint32), p)
+
+    def pick(logits_NxV, step):
+        return _choose(logits_NxV, _sample_keys(seed, prompt_key_N, sample_index_N, step), config)
+
+    token_N, logp_N = pick(repeat(first_logits_BxV), 0)
+    state = _DecodeState(
+        step=jnp.int32(1),
+        last_token_N=token_N,
+        tokens_NxL=jnp.zeros((n, max_new), jnp.int32).at[:, 0].set(token_N),
+        logprobs_NxL=jnp.zeros((n, max_new), jnp.float32).at[:, 0].set(logp_N),
+        done_N=jnp.isin(token_N, stop_ids),
+        finish_N=jnp.where(jnp.isin(token_N, stop_ids), FINISH_STOP, 0).astype(jnp.int32),
+        cache=cache,
+    )
+
+    def keep_going(state: _DecodeState):
+        return (state.step < max_new) & ~jnp.all(state.done_N)
+
+    def step_fn(state: _DecodeState):
+        x_Nx1xD = model.embed(state.last_token_N[:, None])
+        positions_3xNx1 = jnp.broadcast_to(
+            (next_position_N + state.step - 1)[None, :, None], (3, n, 1))
+        hidden, cache = model.decode(
+            x_Nx1xD, positions_3xNx1, kv_valid_NxS, state.cache, t + state.step - 1)
+        token_N, logp_N = pick(model.logits(hidden)[:, 0], state.step)
+        live_N = ~state.done_N
+        token_N = jnp.where(live_N, token_N, 0)
+        logp_N = jnp.where(live_N, logp_N, 0.0)
+        stopped_N = live_N & jnp.isin(token_N, stop_ids)
+        return _DecodeState(
+            step=state.step + 1,
+            last_token_N=token_N,
+            tokens_NxL=state.tokens_NxL.at[:, state.step].set(token_N),
+            logprobs_NxL=state.logprobs_NxL.at[:, state.step].set(logp_N),
+            done_N=state.done_N | stopped_N,
+            finish_N=jnp.where(stopped_N, FINISH_STOP, state.finish_N),
+            cache=cache,
+        )
+
+    state = jax.lax.while_loop(keep_going, step_fn, state)
+    is_stop_NxL = jnp.isin(state.tokens_NxL, stop_ids)
+    # Length = index of the first stop token + 1, or everything generated.
+    first_stop_N = jnp.argmax(is_stop_NxL, axis=-1)
+    lengths_N = jnp.where(jnp.any(is_stop_NxL, axis=-1), first_stop_N + 1, state.step)
+    finish_N = jnp.where(state.finish_N == 0, FINISH_LENGTH, state.finish_N)
+    return SampleOutput(state.tokens_NxL, state.logprobs_NxL, lengths_N.astype(jnp.int32),
+                        finish_N)
+
+
+class Sampler:
+    """Compiles `generate` once per (shape bucket, sampling config) and counts compilations."""
+
+    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig):
+        self.graphdef = graphdef
+        self.config = config
+        self.num_compilations = 0
+
+        def run(state, batch, seed):
+            self.num_compilations += 1  # runs only while tracing, i.e. once per compilation
+            return generate(nnx.merge(graphdef, state), batch, seed, config)
+
+        self._run = jax.jit(run)
+
+    @classmethod
+    def for_model(cls, model: Qwen25VL, config: SamplingConfig) -> Sampler:
+        return cls(nnx.graphdef(model), config)
+
+    def __call__(self, state: nnx.State, batch: PromptBatch, seed: int) -> SampleOutput:
+        return self._run(state, batch, jnp.uint32(seed))
+
+
+def decode_texts(tokenizer, output: SampleOutput) -> list[str]:
+    tokens, lengths = jax.device_get((output.tokens_NxL, output.lengths_N))
+    return [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
+            for row, length in zip(tokens, lengths, strict=True)]
+
+
+def pad_to_bucket(n: int, buckets: Sequence[int]) -> int:
+    for bucket in sorted(buckets):
+        if n <= bucket:
+            return bucket
+    return int(math.ceil(n / max(buckets)) * max(buckets))
