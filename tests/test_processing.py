@@ -15,7 +15,6 @@ from eureka_jax import testing
 from eureka_jax.errors import InputError
 from eureka_jax.processing import (
     QwenVLProcessor,
-    collate_prompts,
     gather_patches,
     image_token_sources,
     load_image,
@@ -381,7 +380,8 @@ def test_tokenizer_fixture_is_deterministic_and_loads(tmp_path, tok_dir):
 
 
 def test_tiny_model_runs_on_processor_output(tmp_path, processor):
-    """Smoke test: the tiny HF model accepts a collated batch; positions equal HF's."""
+    """Smoke test: the tiny HF model runs on our prompts (with mm_token_type_ids, without which
+    transformers 5.x silently uses 1-D positions) and computes our positions and rope deltas."""
     import torch
     from safetensors.numpy import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -395,23 +395,19 @@ def test_tiny_model_runs_on_processor_output(tmp_path, processor):
     prompts = [processor.encode(question="3x + 5 = 20", images=[testing.draw_image(60, 40, 0)]),
                processor.encode(question="area?", images=[testing.draw_image(100, 130, 1),
                                                           testing.draw_image(30, 30, 2)])]
-    batch = collate_prompts(prompts, length=96, patch_budget=256,
-                            pad_token_id=processor.pad_token_id,
-                            image_token_id=processor.image_token_id, window_size=56)
+    ids, mask = _padded(prompts, 96, processor.pad_token_id)
+    grids = np.concatenate([p.image_grid_thw for p in prompts])
+    positions, deltas = mrope_positions(ids, mask, grids, processor.image_token_id)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    ids = torch.tensor(batch.input_ids_BxT, dtype=torch.long)
-    mm_token_type_ids = (ids == processor.image_token_id).long()
+    input_ids = torch.tensor(ids)
     with torch.no_grad():
         logits = model(
-            input_ids=ids, attention_mask=torch.tensor(batch.attention_mask_BxT),
+            input_ids=input_ids, attention_mask=torch.tensor(mask),
             pixel_values=torch.tensor(np.concatenate([p for q in prompts for p in q.patches])),
-            image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in prompts]),
-                                        dtype=torch.long),
-            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=torch.tensor(grids, dtype=torch.long),
+            mm_token_type_ids=(input_ids == processor.image_token_id).long(),
         ).logits
-    real = logits[torch.tensor(batch.attention_mask_BxT, dtype=torch.bool)]
+    real = logits[torch.tensor(mask, dtype=torch.bool)]
     assert torch.isfinite(real).all() and real.std() > 0.1
-    np.testing.assert_array_equal(model.model.rope_deltas.numpy().reshape(-1),
-                                  batch.rope_deltas_B)
-    assert batch.patches_PxC.shape == (256, 1176)
-    assert (batch.token_source_BxT >= 0).sum() == batch.layout.num_merged
+    np.testing.assert_array_equal(model.model.rope_deltas.numpy().reshape(-1), deltas)
+    assert positions.max() < ids.shape[1]

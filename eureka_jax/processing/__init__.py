@@ -3,15 +3,17 @@ static-shape layout the Flax model consumes. NumPy + PIL only (transformers for 
 
     processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=4*28*28, max_pixels=640*28*28)
     prompt = processor.encode(question="...", images=[pil_or_path], system=SYSTEM_PROMPT)
-    batch = collate_prompts([prompt, ...], length=1024, patch_budget=4096,
-                            pad_token_id=processor.pad_token_id,
-                            image_token_id=processor.image_token_id, window_size=112)
+    layout = vision_layout(prompt.image_grid_thw, patch_budget, window_size=112)
+    patches_PxC = gather_patches(prompt.patches, layout)
+    ids_1xT, image_id = prompt.input_ids[None], processor.image_token_id
+    token_source_1xT = image_token_sources(ids_1xT, image_id, layout)
+    positions_3x1xT, rope_deltas_1 = mrope_positions(ids_1xT, None, prompt.image_grid_thw, image_id)
 
 Modules: `image` (load, smart_resize, patches), `prompt` (chat template, image-pad expansion,
-tokenisation), `layout` (M-RoPE positions, vision window layout, buckets), `batch` (collation).
+tokenisation), `layout` (M-RoPE positions, vision window layout, buckets). eureka_jax.batching
+applies the layout per prompt row and pads rows into batches.
 """
 
-from eureka_jax.processing.batch import PromptBatch, collate_prompts
 from eureka_jax.processing.image import (
     ImageSettings,
     load_image,
@@ -33,10 +35,8 @@ from eureka_jax.processing.prompt import EncodedPrompt, QwenVLProcessor
 __all__ = [
     "EncodedPrompt",
     "ImageSettings",
-    "PromptBatch",
     "QwenVLProcessor",
     "VisionLayout",
-    "collate_prompts",
     "gather_patches",
     "image_token_sources",
     "load_image",
