@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -174,6 +175,17 @@ def test_parquet_source(tmp_path, image_as_struct):
     assert (record.id, record.question, record.answer) == ("k1", "Area?", "\\frac{1}{2}")
     assert record.extra == {"subject": "math"} and record.location == f"{path} row 2"
     assert load_images(record)[0].getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_table_sources_pickle_without_their_tables(tmp_path):
+    # Worker processes receive the source pickled; they must reopen the file, not get a copy.
+    table = _mmk12_table(image_as_struct=False).append_column("notes", pa.array(["x" * 20_000] * 3))
+    pq.write_table(table, tmp_path / "t.parquet")
+    source = open_source(tmp_path / "t.parquet")
+    source[0]
+    payload = pickle.dumps(source)
+    assert len(payload) < 2_000
+    assert pickle.loads(payload)[2].id == "k2"
 
 
 def test_parquet_without_required_columns_is_an_input_error(tmp_path):

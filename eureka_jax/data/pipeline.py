@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
+from absl import flags as absl_flags
 
 from eureka_jax.data.records import BAD_RECORD_REASONS, BadRecordError, Record, load_images
 from eureka_jax.data.sources import RecordSource
@@ -58,6 +59,8 @@ class PipelineConfig:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise InputError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}.")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"seed must be in [0, 2**32), got {self.seed}.")
         if self.num_threads < 0 or self.num_workers < 0:
             raise InputError("num_threads and num_workers must be >= 0.")
 
@@ -100,6 +103,10 @@ def make_pipeline(
         )
     )
     if config.num_workers > 0:
+        # grain's worker processes read absl flags, which only absl.app.run parses; our CLI uses
+        # argparse, so take absl's defaults.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.num_workers)
         )
