@@ -209,12 +209,18 @@ def test_encode_errors_name_the_record(processor, tmp_path):
 
 
 def test_image_settings_from_preprocessor_config(tmp_path, tok_dir):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
     config = {"size": {"shortest_edge": 3136, "longest_edge": 12845056}, "min_pixels": 6272}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     settings = QwenVLProcessor.from_pretrained(tmp_path).image
     assert (settings.min_pixels, settings.max_pixels) == (6272, 12845056)
+    hf_size = Qwen2VLImageProcessorPil.from_pretrained(tmp_path).size
+    assert (hf_size["shortest_edge"], hf_size["longest_edge"]) == (6272, 12845056)
     settings = QwenVLProcessor.from_pretrained(tmp_path, max_pixels=640 * 28 * 28).image
     assert (settings.min_pixels, settings.max_pixels) == (6272, 640 * 28 * 28)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"resample": 2}))
