@@ -1,0 +1,96 @@
+"""Run metrics a person can plot: one JSON object per step in metrics.jsonl, the same scalars in
+TensorBoard, a progress bar with ETA, and sample completions in samples.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, total_steps: int, initial_step: int = 0,
+                 show_progress: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open)
+        self._samples = open(self.workdir / "samples.jsonl", "a")  # noqa: SIM115
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                         dynamic_ncols=True, disable=not show_progress)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tensorboard.add_scalar(key, value, step)
+        self._tensorboard.flush()
+
+    def advance(self, step: int, metrics: dict[str, Any]) -> None:
+        """Move the bar to `step` and show the main figures."""
+        shown = {k: metrics[k] for k in ("reward/mean", "reward/accuracy", "eval/accuracy", "loss")
+                 if k in metrics}
+        self._bar.set_postfix({k.split("/")[-1]: f"{float(v):.3f}" for k, v in shown.items()})
+        self._bar.update(step - self._bar.n)
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        for sample in samples:
+            self._samples.write(json.dumps({"step": step, **sample}) + "\n")
+        self._samples.flush()
+
+    def close(self) -> None:
+        self._bar.close()
+        self._jsonl.close()
+        self._samples.close()
+        self._tensorboard.close()
+
+
+def _plain(value):
+    """JAX/NumPy scalars -> Python numbers for JSON."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(workdir: str | Path, keys=("eval/accuracy", "reward/accuracy", "reward/mean"),
+                output: str = "curves.png") -> Path | None:
+    """A PNG of the main curves (the last record of each step wins, as after a resume)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in read_metrics(workdir):
+        by_step.setdefault(record["step"], {}).update(record)
+    if not by_step:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = sorted((s, r[key]) for s, r in by_step.items() if r.get(key) is not None)
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None,
+                      label=key)
+    axis.set_xlabel("step")
+    axis.set_ylim(-0.02, 1.6)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    path = Path(workdir) / output
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,356 @@
+"""The GRPO trainer, top to bottom: mesh -> model/optimizer -> checkpoint -> data -> sampler and
+rewards -> loop (rollouts, online filter, updates, eval, metrics, checkpoints).
+
+One step = one policy iteration: rollouts of `train.prompts_per_rollout` prompts x G samples are
+drawn until `train.groups_per_step` groups have passed the online filter (surplus groups wait for
+the next step, as in MM-Eureka), then `rl.ppo_epochs` passes of minibatch updates run over them,
+with the log-probs of the rollout as the old log-probs. Sampling and updates use the same
+parameters on the same mesh. Rerunning with the same workdir resumes from the last checkpoint and
+reproduces the uninterrupted run's metrics step for step.
+
+    eureka-jax train --config configs/tiny_cpu.py --workdir runs/tiny
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from eureka_jax import batching, grpo, hf_io, sharding
+from eureka_jax.checkpointing import Checkpointer, abstract_like, pack_arrays, unpack_arrays
+from eureka_jax.data import PipelineConfig, make_pipeline, open_source
+from eureka_jax.errors import InputError
+from eureka_jax.evaluation import Evaluator, make_preprocess
+from eureka_jax.metrics import MetricsWriter, plot_curves
+from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.rewards import RewardConfig, RewardPool
+from eureka_jax.rl_config import RLConfig
+from eureka_jax.rollout import RolloutWorker, collate_groups, pack_groups, unpack_groups
+from eureka_jax.sampler import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    num_steps: int
+    prompts_per_rollout: int  # P prompts sampled per rollout (x G samples)
+    groups_per_step: int  # kept groups that make one training batch
+    minibatch_size: int  # sequences per optimizer update
+    micro_batch_size: int  # sequences per forward/backward (gradient accumulation)
+    max_rollouts_per_step: int = 8  # give up filling a batch after this many rollouts
+
+    def validate(self, group: int) -> None:
+        for name in ("num_steps", "prompts_per_rollout", "groups_per_step", "minibatch_size",
+                     "micro_batch_size", "max_rollouts_per_step"):
+            if getattr(self, name) < 1:
+                raise InputError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.minibatch_size % group or self.micro_batch_size % group:
+            raise InputError(f"train.minibatch_size and train.micro_batch_size must be multiples "
+                             f"of rl.num_generations={group}: a group stays in one minibatch")
+        if (self.groups_per_step * group) % self.minibatch_size:
+            raise InputError("train.groups_per_step * rl.num_generations must be a multiple of "
+                             "train.minibatch_size")
+        if self.minibatch_size % self.micro_batch_size:
+            raise InputError("train.minibatch_size must be a multiple of train.micro_batch_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params: nnx.State,
+                   accumulation: int) -> optax.GradientTransformation:
+    """AdamW, warmup then cosine to min_lr_ratio*lr, global-norm clipping, frozen vision tower."""
+    warmup = int(round(optim.warmup_fraction * total_updates))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+        decay_steps=max(total_updates, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay),
+    )
+    if optim.freeze_vision:
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if jax.tree_util.keystr(path).startswith("['visual']")
+            else "train", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    if accumulation > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulation)
+    return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# The update step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None):
+    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both."""
+
+    def loss_fn(params, batch: batching.TrainBatch, loss_scale):
+        model = nnx.merge(graphdef, params)
+        logp, entropy = batching.response_logprobs(model, batch, with_entropy=True)
+        ref_logp = None
+        if ref_params is not None and rl.kl_placement == "loss":
+            ref_logp = jax.lax.stop_gradient(
+                batching.response_logprobs(nnx.merge(graphdef, ref_params), batch)[0])
+        loss, metrics = grpo.policy_loss(
+            logp, batch.old_logp_BxL, batch.advantages_B, batch.response_mask_BxL, rl,
+            ref_logp_BxT=ref_logp, entropy_BxT=entropy)
+        return loss * loss_scale, metrics
+
+    def update(params, opt_state, batch, loss_scale):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, loss_scale)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(update, donate_argnums=(0, 1))
+
+
+def split_minibatches(groups, loop: LoopConfig, group: int, rng: np.random.Generator):
+    """Shuffle groups, then cut them into minibatches of micro-batches (lists of groups)."""
+    order = rng.permutation(len(groups))
+    per_minibatch, per_micro = loop.minibatch_size // group, loop.micro_batch_size // group
+    minibatches = []
+    for start in range(0, len(groups), per_minibatch):
+        chosen = [groups[i] for i in order[start:start + per_minibatch]]
+        minibatches.append([chosen[i:i + per_micro] for i in range(0, len(chosen), per_micro)])
+    return minibatches
+
+
+def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
+    """optax.MultiSteps averages micro-batch gradients; these scales make the average equal the
+    loss over the whole minibatch (token-weighted for token-mean losses, sequence-weighted for
+    the others)."""
+    token_mean = rl.loss in ("dapo", "cpgd")
+    weights = [sum(int(g.lengths_G.sum()) if token_mean else int((g.lengths_G > 0).sum())
+                   for g in micro) for micro in micro_batches]
+    total = max(sum(weights), 1)
+    return [len(micro_batches) * w / total for w in weights]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Run (or resume) training; returns the last step's metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    rl = RLConfig.from_dict(config.rl)
+    loop = LoopConfig(**config.train)
+    loop.validate(rl.num_generations)
+    group = rl.num_generations
+
+    # -- Mesh and model ------------------------------------------------------------------------
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    with sharding.activate(mesh):
+        model = hf_io.load_model(
+            config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
+            compute_dtype=config.model.compute_dtype, remat=config.model.remat,
+            freeze_vision=config.optim.freeze_vision)
+        graphdef, params = nnx.split(model)
+        del model
+        processor = QwenVLProcessor.from_pretrained(
+            config.model.path, min_pixels=config.data.min_pixels,
+            max_pixels=config.data.max_pixels)
+        buckets = batching.Buckets(lengths=tuple(config.data.length_buckets),
+                                   patches=tuple(config.data.patch_buckets))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def put_on_device(tree):
+            return jax.device_put(tree, replicated)
+
+        # -- Optimizer and update -------------------------------------------------------------
+        accumulation = loop.minibatch_size // loop.micro_batch_size
+        updates_per_step = rl.ppo_epochs * (loop.groups_per_step * group // loop.minibatch_size)
+        tx, schedule = make_optimizer(config.optim, loop.num_steps * updates_per_step, params,
+                                      accumulation)
+        opt_state = jax.jit(tx.init)(params)
+        ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
+        update_step = make_update_step(graphdef, tx, rl, ref_params)
+
+        # -- Checkpoint: resume if the workdir has one -----------------------------------------
+        checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every,
+                                    keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save)
+        checkpointer.install_sigterm_handler()
+        step, host = 0, {}
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            device, host = checkpointer.restore(
+                latest, abstract_like({"params": params, "opt_state": opt_state}))
+            params, opt_state = device["params"], device["opt_state"]
+            step = latest
+            log.info("resumed from %s at step %d", checkpointer.directory, step)
+        pending = unpack_groups(unpack_arrays(host["pending"])) if host else []
+
+        # -- Data ---------------------------------------------------------------------------------
+        preprocess = make_preprocess(processor, model_config=nnx.merge(graphdef, params).config,
+                                     system_prompt=config.data.system_prompt,
+                                     max_prompt_length=max(buckets.lengths))
+        source = open_source(config.data.train)
+        pipeline = make_pipeline(source, preprocess, PipelineConfig(
+            batch_size=loop.prompts_per_rollout, seed=config.seed, shuffle=True,
+            num_epochs=None, skip_bad_records=config.data.skip_bad_records,
+            num_threads=config.data.num_threads))
+        data_iter = iter(pipeline)
+        if host:
+            data_iter.set_state(host["data_iterator"])
+
+        # -- Sampler, rewards, evaluation ------------------------------------------------------
+        tokenizer = processor.tokenizer
+        stop_ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in config.sampling.stop_tokens)
+        sampling = SamplingConfig(
+            num_samples=group, max_new_tokens=config.sampling.max_new_tokens,
+            temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+            top_p=config.sampling.top_p, stop_token_ids=stop_ids)
+        sampler = Sampler(graphdef, sampling)
+        reward_config = RewardConfig(**config.rewards)
+        reward_pool = RewardPool(reward_config)
+        pad_id = tokenizer.pad_token_id
+        worker = RolloutWorker(
+            sampler=sampler, reward_pool=reward_pool, tokenizer=tokenizer, rl=rl,
+            buckets=buckets, pad_token_id=pad_id, graphdef=graphdef,
+            recompute_old_logprobs=not _samples_from_policy(sampling),
+            measure_mismatch=config.train_extras.measure_logprob_mismatch,
+            max_new_tokens=sampling.max_new_tokens, put_on_device=put_on_device)
+        evaluator = None
+        if config.eval.data:
+            evaluator = Evaluator(
+                graphdef=graphdef, processor=processor, model_config=nnx.merge(graphdef,
+                                                                             params).config,
+                data=config.eval.data, max_examples=config.eval.max_examples,
+                batch_size=config.eval.batch_size, buckets=buckets,
+                system_prompt=config.data.system_prompt,
+                max_new_tokens=config.sampling.max_new_tokens, stop_token_ids=stop_ids,
+                reward_pool=reward_pool, put_on_device=put_on_device)
+
+        writer = MetricsWriter(workdir, loop.num_steps, step,
+                               show_progress=config.train_extras.progress_bar)
+        last: dict[str, Any] = {}
+        try:
+            if step == 0 and evaluator is not None:
+                last = {"eval/accuracy": evaluator.accuracy(params)}
+                writer.write(0, last)
+
+            # -- The loop ---------------------------------------------------------------------
+            while step < loop.num_steps:
+                step += 1
+                step_started = time.perf_counter()
+                metrics: dict[str, list[float]] = {}
+
+                # Rollouts until the filter has kept a full batch of groups.
+                for rollout in range(loop.max_rollouts_per_step):
+                    if len(pending) >= loop.groups_per_step:
+                        break
+                    examples = next(data_iter)
+                    seed = _rollout_seed(config.seed, step, rollout)
+                    groups, rollout_metrics, samples = worker.run(params, examples, seed)
+                    pending.extend(groups)
+                    for key, value in rollout_metrics.items():
+                        metrics.setdefault(key, []).append(float(value))
+                if len(pending) < loop.groups_per_step:
+                    raise TrainingDiverged(
+                        f"step {step}: only {len(pending)} of {loop.groups_per_step} groups passed "
+                        f"the online filter in {loop.max_rollouts_per_step} rollouts (every "
+                        "group all-correct or all-wrong); widen rl.filter_low/filter_high, "
+                        "disable the filter, or raise train.max_rollouts_per_step")
+                batch_groups, pending = (pending[:loop.groups_per_step],
+                                         pending[loop.groups_per_step:])
+
+                # Updates: ppo_epochs passes of minibatches, micro-batches accumulated.
+                update_started = time.perf_counter()
+                shuffle_rng = np.random.default_rng([config.seed, step])
+                update_metrics: dict[str, list[float]] = {}
+                for _ in range(rl.ppo_epochs):
+                    for minibatch in split_minibatches(batch_groups, loop, group, shuffle_rng):
+                        for micro, scale in zip(minibatch, micro_loss_scales(minibatch, rl),
+                                                strict=True):
+                            train_batch = put_on_device(collate_groups(micro, buckets, pad_id))
+                            params, opt_state, out = update_step(params, opt_state, train_batch,
+                                                                 jnp.float32(scale))
+                            for key, value in jax.device_get(out).items():
+                                update_metrics.setdefault(key, []).append(float(value))
+                _check_finite(step, update_metrics)
+                update_time = time.perf_counter() - update_started
+                metrics = {k: float(np.mean(v)) for k, v in (metrics | update_metrics).items()}
+                metrics["reward/timeouts"] = metrics.get("reward/timeouts", 0.0)
+                metrics["time/update"] = update_time
+                trained_tokens = sum(int(g.lengths_G.sum()) for g in batch_groups)
+                metrics["throughput/tokens_per_s"] = trained_tokens * rl.ppo_epochs / update_time
+                metrics["lr"] = float(schedule(_optimizer_count(opt_state, tx)))
+                metrics["filter/pending_groups"] = len(pending)
+                metrics["time/step"] = time.perf_counter() - step_started
+                if evaluator is not None and (step % config.eval.every == 0
+                                              or step == loop.num_steps):
+                    metrics["eval/accuracy"] = evaluator.accuracy(params)
+                writer.write(step, metrics)
+                if config.log.samples_every and step % config.log.samples_every == 0:
+                    writer.write_samples(step, samples[: config.log.num_samples])
+                writer.advance(step, metrics)
+                last = metrics
+
+                if checkpointer.should_save(step) or step == loop.num_steps:
+                    checkpointer.save(step, {"params": params, "opt_state": opt_state}, {
+                        "data_iterator": data_iter.get_state(),
+                        "pending": pack_arrays(pack_groups(pending)),
+                    })
+                if checkpointer.preempted:
+                    log.warning("SIGTERM: checkpoint saved at step %d; exiting", step)
+                    break
+        finally:
+            checkpointer.close()
+            reward_pool.close()
+            writer.close()
+        plot_curves(workdir)
+        return last
+
+
+def _samples_from_policy(sampling: SamplingConfig) -> bool:
+    """True when the sampler draws from the policy itself, so its log-probs are the old ones."""
+    return sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0
+
+
+def _rollout_seed(seed: int, step: int, rollout: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rollout]).generate_state(1)[0])
+
+
+def _optimizer_count(opt_state, tx) -> int:
+    """Number of optimizer updates applied so far (for the learning-rate metric)."""
+    counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
+              if jax.tree_util.keystr(path).endswith(".count") and jnp.ndim(x) == 0]
+    if isinstance(tx, optax.MultiSteps):
+        return int(opt_state.gradient_step)
+    return max(counts) - 1 if counts else 0
+
+
+def _check_finite(step: int, metrics: dict[str, list[float]]) -> None:
+    for key in ("loss", "grad_norm"):
+        values = metrics.get(key, [])
+        if any(not math.isfinite(v) for v in values):
+            raise TrainingDiverged(
+                f"step {step}: {key} is not finite ({values}); the update was not checkpointed, "
+                "the last good checkpoint is kept. Lower optim.lr, check the data, or use "
+                "float32 compute")
