@@ -100,6 +100,7 @@ def test_missing_image_error_names_file_line_and_id(tmp_path, caplog):
     assert f"{jsonl}:2" in message and "lost-42" in message and "missing.png" in message
     assert "skip_bad_records" in message  # says what to do
     assert info.value.reason == "missing_image"
+    assert str(pickle.loads(pickle.dumps(info.value))) == message  # crosses worker processes
 
     with caplog.at_level(logging.WARNING):
         records, skipped = load_records(jsonl, skip_bad_records=True)

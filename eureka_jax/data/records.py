@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import logging
 import os
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from eureka_jax.errors import InputError
+from eureka_jax.processing.image import load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class BadRecordError(InputError):
         self, reason: str, problem: str, fix: str, source_file: str, source_line: int, record_id
     ):
         self.reason = reason
+        self.problem = problem
+        self.fix = fix
         self.source_file = source_file
         self.source_line = source_line
         self.record_id = record_id
@@ -101,6 +103,11 @@ class BadRecordError(InputError):
             f"{where} (record {name}): {problem}. {fix} "
             "To skip such records instead (they are counted and logged), set skip_bad_records=True."
         )
+
+    def __reduce__(self):  # worker processes send the error to the main process pickled
+        args = (self.reason, self.problem, self.fix, self.source_file, self.source_line,
+                self.record_id)
+        return type(self), args
 
     @classmethod
     def for_record(cls, record: Record, reason: str, problem: str, fix: str) -> BadRecordError:
@@ -127,6 +134,8 @@ def load_images(record: Record) -> list[Image.Image]:
 
 
 def _load_image(record: Record, image: ImageRef, index: int) -> Image.Image:
+    # Decoding (EXIF orientation, transparency onto white) is processing's, so that what the
+    # pipeline validates is exactly what the model sees.
     if isinstance(image, Image.Image):
         return to_rgb(image)
     what = f"image {index}" + (f" ({image})" if isinstance(image, str) else " (embedded bytes)")
@@ -135,21 +144,10 @@ def _load_image(record: Record, image: ImageRef, index: int) -> Image.Image:
             record, "missing_image", f"{what} not found", "Fix the path or add the file."
         )
     try:
-        with Image.open(image if isinstance(image, str) else io.BytesIO(image)) as opened:
-            opened.load()  # decode fully here so truncated files fail now, not in preprocessing
-            return to_rgb(opened)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return to_rgb(load_image(image, name=what))
+    except InputError as e:
+        cause = e.__cause__ or e
         raise BadRecordError.for_record(
-            record, "bad_image", f"{what} cannot be decoded ({e})", "Replace the image file."
+            record, "bad_image", f"{what} cannot be decoded ({type(cause).__name__}: {cause})",
+            "Replace the image (PNG or JPEG).",
         ) from e
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent pixels become white (as qwen_vl_utils does: diagrams are often
-    transparent PNGs, and a plain convert("RGB") would turn their background black)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")

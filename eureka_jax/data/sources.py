@@ -69,7 +69,7 @@ def open_source(path: str | os.PathLike, *, split: str | None = None) -> RecordS
     if path.is_dir():
         return ArrowDatasetSource(hf_dataset_dir(path, split))
     if not path.is_file():
-        raise InputError(f"{path}: no such file or directory. Check the data path in the config.")
+        raise InputError(f"{path}: no such file or directory; check the path.")
     if path.suffix in (".jsonl", ".json"):
         return JsonlSource(path)
     if path.suffix == ".parquet":
