@@ -49,6 +49,7 @@ BAD_RECORD_REASONS = (
     "missing_answer",
     "missing_image",  # image file not found
     "bad_image",  # image cannot be decoded, or an unsupported reference (URL)
+    "over_budget",  # prompt tokens or image patches exceed the configured buckets
 )
 
 

@@ -1,0 +1,112 @@
+"""Held-out evaluation with the same sampler and reward code as training, and the record ->
+prompt-row preprocessing the training pipeline shares."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from eureka_jax.batching import Buckets, collate_prompts, prompt_row
+from eureka_jax.data import BadRecordError, Record, load_records
+from eureka_jax.errors import InputError
+from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig
+from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.rollout import Example
+from eureka_jax.sampler import Sampler, SamplingConfig
+
+
+class make_preprocess:  # noqa: N801 (a picklable function for grain worker processes)
+    """Record (with decoded images) -> Example; over-budget prompts are bad records."""
+
+    def __init__(self, processor: QwenVLProcessor, model_config: Qwen25VLConfig,
+                 system_prompt: str | None, max_prompt_length: int):
+        self.processor = processor
+        self.model_config = model_config
+        self.system_prompt = system_prompt
+        self.max_prompt_length = max_prompt_length
+
+    def __call__(self, record: Record) -> Example:
+        name = f"{record.location} (id {record.id})"
+        try:
+            encoded = self.processor.encode(
+                question=record.question, images=record.images,
+                system=record.system_prompt or self.system_prompt,
+                max_length=self.max_prompt_length, name=name)
+            row = prompt_row(encoded, self.model_config, name=name)
+        except BadRecordError:
+            raise
+        except InputError as error:
+            fix = "raise data.length_buckets / data.patch_buckets or lower data.max_pixels"
+            raise BadRecordError.for_record(record, "over_budget", str(error), fix) from error
+        return Example(row=row, record_id=record.id, answer=record.answer,
+                       index=record.source_line, extra=dict(record.extra))
+
+
+@dataclasses.dataclass
+class EvalResult:
+    accuracy: float
+    pass_at_k: float
+    items: list[dict[str, Any]]
+
+
+class Evaluator:
+    """Greedy (or k-sample) accuracy on a held-out file, scored by the training reward code."""
+
+    def __init__(self, *, graphdef, processor: QwenVLProcessor, model_config: Qwen25VLConfig,
+                 data: str, max_examples: int | None, batch_size: int, buckets: Buckets,
+                 system_prompt: str | None, max_new_tokens: int,
+                 stop_token_ids: Sequence[int], reward_pool, put_on_device,
+                 num_samples: int = 1, temperature: float = 1.0, seed: int = 0):
+        records, _ = load_records(data, decode_images=True)
+        if max_examples:
+            records = records[:max_examples]
+        if not records:
+            raise InputError(f"{data}: no evaluation records")
+        preprocess = make_preprocess(processor, model_config, system_prompt, max(buckets.lengths))
+        self.examples = [preprocess(r) for r in records]
+        self.batch_size = batch_size
+        self.buckets = buckets
+        self.processor = processor
+        self.reward_pool = reward_pool
+        self.put_on_device = put_on_device
+        self.num_samples = num_samples
+        self.seed = seed
+        greedy = num_samples == 1
+        self.sampler = Sampler(graphdef, SamplingConfig(
+            num_samples=num_samples, max_new_tokens=max_new_tokens, greedy=greedy,
+            temperature=temperature, stop_token_ids=tuple(stop_token_ids)))
+
+    def run(self, params) -> EvalResult:
+        k = self.num_samples
+        texts, examples = [], []
+        tokenizer = self.processor.tokenizer
+        for start in range(0, len(self.examples), self.batch_size):
+            chunk = self.examples[start:start + self.batch_size]
+            # A short last batch is padded with copies so the compiled shape stays the same.
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            batch = self.put_on_device(collate_prompts(
+                [e.row for e in padded], self.buckets,
+                pad_token_id=self.processor.pad_token_id,
+                prompt_keys=[e.index for e in padded]))
+            output = self.sampler(params, batch, self.seed)
+            tokens, lengths = jax.device_get((output.tokens_NxL, output.lengths_N))
+            for i in range(len(chunk) * k):
+                texts.append(tokenizer.decode(tokens[i, :lengths[i]].tolist(),
+                                              skip_special_tokens=True))
+            examples.extend(chunk)
+        answers = [e.answer for e in examples for _ in range(k)]
+        extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(k)]
+        results = self.reward_pool.submit(texts, answers, extras).result()
+        correct = np.asarray([r.accuracy for r in results], np.float32).reshape(-1, k)
+        items = [{"id": e.record_id, "answer": e.answer,
+                  "completions": texts[i * k:(i + 1) * k],
+                  "accuracy": correct[i].tolist()} for i, e in enumerate(examples)]
+        return EvalResult(accuracy=float(correct[:, 0].mean()),
+                          pass_at_k=float(correct.max(axis=1).mean()), items=items)
+
+    def accuracy(self, params) -> float:
+        return self.run(params).accuracy

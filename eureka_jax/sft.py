@@ -1,0 +1,120 @@
+"""Supervised warm-start (cold-start SFT): teach a starting policy on (prompt, response) records.
+
+Records are the same jsonl/parquet the RL data uses, with a `response` field (the assistant
+turn, e.g. "<think>...</think><answer>...</answer>"). The loss is the token-mean negative
+log-likelihood of the response and its end-of-turn token; the result is exported as a Hugging
+Face directory that `eureka-jax train` starts from.
+
+    eureka-jax sft --config configs/tiny_cpu.py --workdir runs/sft --data sft.jsonl --steps 200
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from eureka_jax import batching, hf_io, sharding
+from eureka_jax.data import load_records
+from eureka_jax.errors import InputError
+from eureka_jax.evaluation import make_preprocess
+from eureka_jax.metrics import MetricsWriter
+from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.rollout import ScoredGroup, collate_groups
+
+
+def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
+    groups = []
+    for record, example in zip(records, examples, strict=True):
+        response = record.extra.get("response")
+        if not isinstance(response, str) or not response:
+            raise InputError(f"{record.location} (id {record.id}): SFT records need a non-empty "
+                             "'response' field with the assistant's answer")
+        ids = tokenizer(response)["input_ids"] + [stop_id]
+        if len(ids) > length:
+            raise InputError(f"{record.location} (id {record.id}): response has {len(ids)} "
+                             f"tokens, more than sft.max_response_tokens={length}")
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(ids)] = ids
+        groups.append(ScoredGroup(
+            row=example.row, record_id=record.id, tokens_GxL=tokens,
+            logprobs_GxL=np.zeros((1, length), np.float32), lengths_G=np.asarray([len(ids)]),
+            rewards_G=np.zeros(1, np.float32), advantages_G=np.zeros(1, np.float32)))
+    return groups
+
+
+def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, steps: int,
+        batch_size: int, lr: float, max_response_tokens: int, show_progress: bool = True
+        ) -> Path:
+    """Train on `data` for `steps` updates; returns the exported HF directory."""
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    with sharding.activate(mesh):
+        model = hf_io.load_model(config.model.path, mesh=mesh,
+                                 param_dtype=config.model.param_dtype,
+                                 compute_dtype=config.model.compute_dtype,
+                                 remat=config.model.remat)
+        processor = QwenVLProcessor.from_pretrained(
+            config.model.path, min_pixels=config.data.min_pixels,
+            max_pixels=config.data.max_pixels)
+        buckets = batching.Buckets(lengths=tuple(config.data.length_buckets),
+                                   patches=tuple(config.data.patch_buckets))
+        records, _ = load_records(data, decode_images=True)
+        preprocess = make_preprocess(processor, model.config, config.data.system_prompt,
+                                     max(buckets.lengths))
+        stop_id = processor.tokenizer.convert_tokens_to_ids(config.sampling.stop_tokens[0])
+        groups = _response_groups(records, [preprocess(r) for r in records],
+                                  processor.tokenizer, stop_id, max_response_tokens)
+        if len(groups) < batch_size:
+            raise InputError(f"{data}: {len(groups)} records, fewer than one batch of "
+                             f"{batch_size}")
+
+        graphdef, params = nnx.split(model)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps,
+                                                      lr * 0.1)
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99))
+        opt_state = tx.init(params)
+
+        def loss_fn(params, batch: batching.TrainBatch):
+            logp_BxL, _ = batching.response_logprobs(nnx.merge(graphdef, params), batch)
+            mask = batch.response_mask_BxL
+            return -jnp.sum(jnp.where(mask, logp_BxL, 0.0)) / jnp.maximum(mask.sum(), 1)
+
+        @jax.jit
+        def update(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rng = np.random.default_rng(config.seed)
+        writer = MetricsWriter(workdir, steps, show_progress=False)
+        order = rng.permutation(len(groups))
+        position = 0
+        with tqdm(total=steps, desc="sft", unit="step", disable=not show_progress) as bar:
+            for step in range(1, steps + 1):
+                if position + batch_size > len(order):
+                    order, position = rng.permutation(len(groups)), 0
+                chosen = [groups[i] for i in order[position:position + batch_size]]
+                position += batch_size
+                started = time.perf_counter()
+                batch = jax.device_put(
+                    collate_groups(chosen, buckets, processor.pad_token_id), replicated)
+                params, opt_state, loss = update(params, opt_state, batch)
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise RuntimeError(f"sft step {step}: loss is {loss}; lower the lr")
+                writer.write(step, {"sft/loss": loss, "time/step": time.perf_counter() - started})
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+        writer.close()
+        output = hf_io.export_model(nnx.merge(graphdef, params), workdir / "model",
+                                    source_dir=hf_io.resolve_model_dir(config.model.path))
+    return output
