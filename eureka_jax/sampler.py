@@ -13,8 +13,9 @@ Reproducibility: the random key of sample g of a prompt at decoding step i is
 fold_in(fold_in(fold_in(seed, prompt_key), g), i). `prompt_key` is supplied per prompt by the
 caller (a dataset index, say), so a sample does not depend on which batch, row or mesh it ran in.
 
-Reads per decoding step: all parameters once, plus the whole KV cache buffer of every sample
-(prompt bucket + max_new_tokens slots; unfilled slots are masked).
+Reads per decoding step: all parameters once, plus each sample's KV cache up to the last written
+slot (model config `decode_chunk` slots at a time, online softmax), not the whole buffer of
+prompt bucket + max_new_tokens slots. Caches no longer than one chunk are read whole.
 """
 
 from __future__ import annotations

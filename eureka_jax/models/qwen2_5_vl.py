@@ -111,6 +111,8 @@ class Qwen25VLConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
     freeze_vision: bool = False  # stop gradients at the vision tower's output
+    # Decoding reads the KV cache in chunks of this many slots, up to the last written slot.
+    decode_chunk: int = 256
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype"):
@@ -461,6 +463,57 @@ def mrope_cos_sin(positions_3xBxT, inv_freq, mrope_section):
     return jnp.cos(freqs_BxTxH), jnp.sin(freqs_BxTxH)
 
 
+def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, q_slot_BxT):
+    """Softmax attention over all S key slots with the slot-causal mask."""
+    h = q_BxTxKxGxH.shape[-1]
+    s = k_BxSxKxH.shape[1]
+    scores = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+        preferred_element_type=jnp.float32, precision=_precision(q_BxTxKxGxH.dtype),
+    ) * (h**-0.5)
+    causal_BxTxS = jnp.arange(s)[None, None, :] <= q_slot_BxT[:, :, None]
+    mask_BxTxS = causal_BxTxS & kv_valid_BxS[:, None, :]
+    probs = _masked_softmax(scores, mask_BxTxS[:, None, None]).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype))
+
+
+def _chunked_decode_attention(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, last_slot, chunk):
+    """One query token against cache slots 0..last_slot only, `chunk` slots at a time, with an
+    online softmax: a decoding step reads the filled part of the cache, not the whole buffer."""
+    b, _, k, g, h = q_Bx1xKxGxH.shape
+    s = k_BxSxKxH.shape[1]
+    q_BxKxGxH = q_Bx1xKxGxH[:, 0].astype(jnp.float32) * (h**-0.5)
+    neg = jnp.finfo(jnp.float32).min
+
+    def body(index, carry):
+        max_BxKxG, sum_BxKxG, acc_BxKxGxH = carry
+        nominal = index * chunk
+        start = jnp.minimum(nominal, s - chunk)  # the last chunk may overlap the previous one
+        slots_C = start + jnp.arange(chunk)
+        k_BxCxKxH = jax.lax.dynamic_slice_in_dim(k_BxSxKxH, start, chunk, axis=1)
+        v_BxCxKxH = jax.lax.dynamic_slice_in_dim(v_BxSxKxH, start, chunk, axis=1)
+        valid_BxC = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, chunk, axis=1)
+        valid_BxC = valid_BxC & (slots_C >= nominal) & (slots_C <= last_slot)
+        scores_BxKxGxC = jnp.einsum("bkgh,bckh->bkgc", q_BxKxGxH, k_BxCxKxH.astype(jnp.float32),
+                                    precision=jax.lax.Precision.HIGHEST)
+        scores_BxKxGxC = jnp.where(valid_BxC[:, None, None, :], scores_BxKxGxC, neg)
+        new_max = jnp.maximum(max_BxKxG, scores_BxKxGxC.max(axis=-1))
+        correction = jnp.exp(max_BxKxG - new_max)
+        weights = jnp.where(valid_BxC[:, None, None, :],
+                            jnp.exp(scores_BxKxGxC - new_max[..., None]), 0.0)
+        acc_BxKxGxH = acc_BxKxGxH * correction[..., None] + jnp.einsum(
+            "bkgc,bckh->bkgh", weights, v_BxCxKxH.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST)
+        return new_max, sum_BxKxG * correction + weights.sum(axis=-1), acc_BxKxGxH
+
+    init = (jnp.full((b, k, g), neg, jnp.float32), jnp.zeros((b, k, g), jnp.float32),
+            jnp.zeros((b, k, g, h), jnp.float32))
+    num_chunks = last_slot // chunk + 1
+    _, sum_BxKxG, acc_BxKxGxH = jax.lax.fori_loop(0, num_chunks, body, init)
+    out_BxKxGxH = acc_BxKxGxH / jnp.maximum(sum_BxKxG, 1e-30)[..., None]
+    return out_BxKxGxH[:, None].astype(v_BxSxKxH.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with q/k/v biases, M-RoPE, and an optional KV cache."""
 
@@ -475,6 +528,7 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
         self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
+        self.decode_chunk = config.decode_chunk
 
     def __call__(self, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index):
         b, t, _ = x_BxTxD.shape
@@ -493,18 +547,13 @@ class Attention(nnx.Module):
             v_BxSxKxH = jax.lax.dynamic_update_slice(
                 cache_kv[1], v_BxTxKxH.astype(cache_kv[1].dtype), start)
             new_cache_kv = (k_BxSxKxH, v_BxSxKxH)
-        s = k_BxSxKxH.shape[1]
         q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
-            preferred_element_type=jnp.float32, precision=_precision(q_BxTxKxGxH.dtype),
-        ) * (h**-0.5)
-        causal_BxTxS = jnp.arange(s)[None, None, :] <= q_slot_BxT[:, :, None]
-        mask_BxTxS = causal_BxTxS & kv_valid_BxS[:, None, :]
-        probs = _masked_softmax(scores, mask_BxTxS[:, None, None]).astype(v_BxSxKxH.dtype)
-        out_BxTxKxGxH = jnp.einsum(
-            "bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype)
-        )
+        if cache_kv is not None and t == 1 and k_BxSxKxH.shape[1] > self.decode_chunk:
+            out_BxTxKxGxH = _chunked_decode_attention(
+                q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, write_index, self.decode_chunk)
+        else:
+            out_BxTxKxGxH = _dense_attention(
+                q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, q_slot_BxT)
         return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), new_cache_kv
 
 
