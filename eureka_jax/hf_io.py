@@ -292,8 +292,8 @@ def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> n
             # Only the slice this device holds is read from disk (and transposed).
             return np.asarray(_to_ours(reader.tensor(key), layout)[index], dtype=dtype)
 
-        target = shard_of[path].value if path in shard_of else jax.sharding.SingleDeviceSharding(
-            jax.devices()[0])
+        target = (shard_of[path].get_value() if path in shard_of
+                  else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         return jax.make_array_from_callback(ours_shape, target, fetch)
 
     flat = nnx.to_flat_state(abstract_state)
