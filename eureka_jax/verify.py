@@ -17,6 +17,7 @@ torch and transformers' models are imported inside the functions that need them 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -180,10 +181,10 @@ def port_inputs(arrays: Mapping[str, np.ndarray], config: Qwen25VLConfig, *,
     )
 
 
-def port_logits(model: Qwen25VL, batch: PromptBatch, *, jit: bool = True) -> np.ndarray:
-    """The port's teacher-forced logits (B, T, V) as float32 NumPy. Runs on the active mesh, if
-    any (`with sharding.activate(mesh):`)."""
-    graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=8)
+def _forward(graphdef: nnx.GraphDef, jit: bool):
+    """The teacher-forced forward of models with this structure; the jitted one is kept so that
+    equal shapes are compiled once (graph definitions of equal configs are equal)."""
 
     def forward(state, batch: PromptBatch):
         model = nnx.merge(graphdef, state)
@@ -191,8 +192,14 @@ def port_logits(model: Qwen25VL, batch: PromptBatch, *, jit: bool = True) -> np.
                        vision=batch.vision, token_source_BxT=batch.token_source_BxT)
         return logits.astype(jnp.float32)
 
-    batch = jax.tree.map(jnp.asarray, batch)
-    logits = jax.jit(forward)(state, batch) if jit else forward(state, batch)
+    return jax.jit(forward) if jit else forward
+
+
+def port_logits(model: Qwen25VL, batch: PromptBatch, *, jit: bool = True) -> np.ndarray:
+    """The port's teacher-forced logits (B, T, V) as float32 NumPy. Runs on the active mesh, if
+    any (`with sharding.activate(mesh):`)."""
+    graphdef, state = nnx.split(model)
+    logits = _forward(graphdef, jit)(state, jax.tree.map(jnp.asarray, batch))
     return np.asarray(jax.device_get(logits))
 
 
