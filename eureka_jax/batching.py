@@ -84,11 +84,14 @@ class Buckets:
     patches: tuple[int, ...] = (0, 64, 256, 1024, 2560, 4096, 10240)
 
     def length_for(self, rows: Sequence[PromptRow]) -> int:
-        return next_bucket(max(r.num_tokens for r in rows), self.lengths, what="prompt length")
+        sizes = [r.num_tokens for r in rows]
+        row = int(np.argmax(sizes))
+        return next_bucket(sizes[row], self.lengths, what=f"batch row {row}: prompt length")
 
     def patches_for(self, rows: Sequence[PromptRow]) -> int:
-        needed = max(r.num_patches for r in rows)
-        return next_bucket(needed, self.patches, what="patches per prompt")
+        sizes = [r.num_patches for r in rows]
+        row = int(np.argmax(sizes))
+        return next_bucket(sizes[row], self.patches, what=f"batch row {row}: patches per prompt")
 
 
 def _pad_left(rows: list[np.ndarray], length: int, fill) -> np.ndarray:
