@@ -218,9 +218,8 @@ def load_reference(model_dir: str | os.PathLike):
     return model.eval()
 
 
-def reference_logits(hf_model, arrays: Mapping[str, np.ndarray], image_token_id: int,
-                     ) -> np.ndarray:
-    """transformers' logits (B, T, V) float32 for HF processor arrays."""
+def reference_inputs(arrays: Mapping[str, np.ndarray], image_token_id: int) -> dict:
+    """Keyword arguments of transformers' forward for HF processor arrays (torch tensors)."""
     import torch
 
     ids = torch.as_tensor(np.asarray(arrays["input_ids"], np.int64))
@@ -228,14 +227,27 @@ def reference_logits(hf_model, arrays: Mapping[str, np.ndarray], image_token_id:
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(np.asarray(mask, np.int64))
     # Without mm_token_type_ids transformers silently falls back to 1-D positions.
     kwargs = {"input_ids": ids, "attention_mask": mask,
-              "mm_token_type_ids": (ids == image_token_id).long()}
+              "mm_token_type_ids": (ids == image_token_id).long(), "use_cache": False}
     if "pixel_values" in arrays:
         kwargs["pixel_values"] = torch.as_tensor(np.asarray(arrays["pixel_values"], np.float32))
         kwargs["image_grid_thw"] = torch.as_tensor(np.asarray(arrays["image_grid_thw"], np.int64))
+    return kwargs
+
+
+def reference_forward(hf_model, inputs: dict):
+    """transformers' logits tensor for `reference_inputs`, without autograd."""
+    import torch
+
     hf_model.model.rope_deltas = None  # state kept between calls; these calls are independent
     with torch.no_grad():
-        logits = hf_model(**kwargs, use_cache=False).logits
-    return logits.float().numpy()
+        return hf_model(**inputs).logits
+
+
+def reference_logits(hf_model, arrays: Mapping[str, np.ndarray], image_token_id: int,
+                     ) -> np.ndarray:
+    """transformers' logits (B, T, V) float32 for HF processor arrays."""
+    inputs = reference_inputs(arrays, image_token_id)
+    return reference_forward(hf_model, inputs).float().numpy()
 
 
 def compare(ours_BxTxV: np.ndarray, reference_BxTxV: np.ndarray, mask_BxT: np.ndarray,

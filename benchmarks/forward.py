@@ -1,0 +1,124 @@
+"""Forward-pass time: the jitted Flax port against transformers (torch eager, float32, CPU).
+
+    .venv/bin/python benchmarks/forward.py [--repeats 5] [--threads 2]
+
+One small random Qwen2.5-VL (text: hidden 512, 8 layers, 8 heads / 2 kv heads, mlp 1536, vocab
+32000, mrope_section 8/12/12; vision: hidden 256, depth 4, 4 heads, window 112) is saved with
+save_pretrained into a temporary directory, so both frameworks load the very same weights.
+Inputs: a text-only batch (2 x 256 tokens) and a one-image batch (one 448x448 image = 1024
+patches = 256 image tokens, plus its prompt). Host preprocessing is done once, outside the
+timings; the port's compile time is reported separately. Each case runs `--repeats` times after
+one warm-up; medians are printed, then one JSON line. A report, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eureka_jax import hf_io, testing, verify
+from eureka_jax.processing import QwenVLProcessor
+
+TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, vocab_size=32000,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [8, 12, 12]})
+VISION = dict(hidden_size=256, intermediate_size=768, depth=4, num_heads=4, window_size=112,
+              fullatt_block_indexes=[1, 3])
+
+
+def median_ms(fn, args: tuple, repeats: int) -> float:
+    """Median wall time of fn(*args) in ms, after one warm-up call; waits for JAX results."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_inputs(model_dir: Path, vocab_limit: int) -> dict[str, dict[str, np.ndarray]]:
+    processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=448 * 448,
+                                                max_pixels=448 * 448)
+    rng = np.random.default_rng(0)
+    # Ordinary (non-special) tokens of the tiny tokenizer; the vocabulary beyond is never an input.
+    text_ids = rng.integers(0, vocab_limit, (2, 256))
+    image_prompt = processor.encode(question="Describe every shape in the picture.",
+                                    images=[testing.draw_image(448, 448, seed=1)])
+    return {
+        "text_2x256": {"input_ids": text_ids, "attention_mask": np.ones_like(text_ids)},
+        "one_image_448px": verify.hf_arrays([image_prompt], processor.pad_token_id),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_forward_"))
+    model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
+                                          text_config=TEXT, vision_config=VISION)
+    model = hf_io.load_model(model_dir)
+    reference = verify.load_reference(model_dir)
+    image_token_id = model.config.image_token_id
+    vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, batch):
+        logits = nnx.merge(graphdef, state)(
+            batch.input_ids_BxT, batch.positions_3xBxT, batch.attention_mask_BxT,
+            vision=batch.vision, token_source_BxT=batch.token_source_BxT)
+        return logits.astype(jnp.float32)
+
+    results = {}
+    for name, arrays in make_inputs(model_dir, vocab_limit).items():
+        batch = jax.device_put(verify.port_inputs(arrays, model.config))
+        torch_inputs = verify.reference_inputs(arrays, image_token_id)
+
+        start = time.perf_counter()
+        ours = np.asarray(jax.block_until_ready(forward(state, batch)))
+        compile_s = time.perf_counter() - start
+        theirs = verify.reference_forward(reference, torch_inputs).numpy()
+        agreement = verify.compare(ours, theirs, arrays["attention_mask"])
+
+        jax_ms = median_ms(forward, (state, batch), args.repeats)
+        torch_ms = median_ms(verify.reference_forward, (reference, torch_inputs), args.repeats)
+        results[name] = {
+            "tokens": int(arrays["attention_mask"].sum()),
+            "patches": int(len(arrays.get("pixel_values", ()))),
+            "jax_ms": round(jax_ms, 1),
+            "torch_ms": round(torch_ms, 1),
+            "torch_over_jax": round(torch_ms / jax_ms, 2),
+            "jax_compile_s": round(compile_s, 1),
+            "rel_diff": float(f"{agreement['rel_diff']:.2e}"),
+        }
+        r = results[name]
+        print(f"{name:<16} tokens {r['tokens']:>4} patches {r['patches']:>5}  "
+              f"jax {r['jax_ms']:8.1f} ms  torch {r['torch_ms']:8.1f} ms  "
+              f"torch/jax {r['torch_over_jax']:5.2f}  (compile {r['jax_compile_s']} s, "
+              f"rel_diff {r['rel_diff']:.1e})")
+    print(json.dumps({"benchmark": "forward", "backend": jax.default_backend(),
+                      "torch_threads": args.threads, "repeats": args.repeats,
+                      "cases": results}))
+
+
+if __name__ == "__main__":
+    main()
