@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy import Basic, Expr, MatrixBase, Rational, UnevaluatedExpr, nan, zoo
 
@@ -26,8 +27,16 @@ from eureka_jax.rewards.fast import fast_verdict
 # math-verify warns on every call when its own timeout is disabled, which we do on purpose.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-_LATEX = [LatexExtractionConfig()]
-_ANYWHERE = [LatexExtractionConfig(), ExprExtractionConfig()]
+# math-verify's own unit stripping drops any trailing h, t, c, d, s, m, g, l ... ("2h" -> "2"),
+# turning variables into units; units are handled here instead (split_unit), so it is off.
+_LATEX_CONFIG = LatexExtractionConfig(
+    normalization_config=NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all",
+        equations=False,
+    )
+)
+_LATEX = [_LATEX_CONFIG]
+_ANYWHERE = [_LATEX_CONFIG, ExprExtractionConfig()]
 
 
 class GroundTruthError(ValueError):
@@ -156,9 +165,19 @@ def parse_gold(answer: str) -> Gold:
 def math_equal(prediction: str, answer: str) -> bool:
     """True when `prediction` is mathematically equal to the ground truth `answer`."""
     gold = parse_gold(answer)
-    body, unit = split_unit(normalize(prediction))
+    normalized = normalize(prediction)
+    body, unit = split_unit(normalized)
     if unit is not None and gold.unit is not None and unit != gold.unit:
         return False  # no unit conversion: 50 mm is judged different from a gold of 5 cm
+    if _bodies_equal(gold, answer, body, prediction):
+        return True
+    # "5 m" against a gold of "5m": the letter taken for a unit may be the gold's variable.
+    return unit is not None and gold.unit is None and _bodies_equal(
+        gold, answer, normalized, prediction
+    )
+
+
+def _bodies_equal(gold: Gold, answer: str, body: str, prediction: str) -> bool:
     if not body:
         return False
     verdict = fast_verdict(gold.text, body)
