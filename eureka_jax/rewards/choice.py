@@ -21,7 +21,9 @@ _OPTION_WORD = re.compile(r"^(?:option|choice)\s*", re.IGNORECASE)
 
 _DRESSED = r"[(\[{]?\s*([A-Za-z])\s*[)\]}]?"
 _SINGLE = re.compile(_DRESSED)
-_LIST = re.compile(rf"{_DRESSED}(?:\s*(?:,|、|;|/|&|\band\b|\bor\b)?\s*{_DRESSED})+")
+_TOKEN = r"(?:[(\[{]\s*[A-Za-z]\s*[)\]}]|[A-Za-z])"
+_SEPARATOR = r"(?:\s*(?:,|、|;|/|&|\band\b|\bor\b)\s*|\s+|(?<=[)\]}])(?=[(\[{]))"
+_LIST = re.compile(rf"{_TOKEN}(?:{_SEPARATOR}{_TOKEN})+")
 _LIST_LETTER = re.compile(r"(?<![A-Za-z])[A-Za-z](?![A-Za-z])")
 _LIST_WORDS = re.compile(r"\b(?:and|or)\b")
 _CONCAT = re.compile(r"[A-Z]{2,8}")
