@@ -132,7 +132,7 @@ class RewardPool:
         self._broken: str | None = None  # set when workers cannot start; new batches fail
         self._start_failures = 0
         self._wake_recv, self._wake_send = self._ctx.Pipe(duplex=False)
-        self._wake_lock = threading.Lock()
+        self._lock = threading.Lock()  # orders submit() against close()
         self._workers = [self._start_worker() for _ in range(max(1, config.num_workers))]
         self._thread = threading.Thread(target=self._loop, name="reward-pool", daemon=True)
         self._thread.start()
@@ -149,22 +149,24 @@ class RewardPool:
         """Queue a batch; returns at once. `extras[i]` holds record i's other fields (its "id"
         names it in data-error messages; user reward functions receive them all); `lengths[i]`
         is response i's token count, needed for overlong shaping."""
-        if self._closing:
-            raise RuntimeError("RewardPool is closed")
         batch = _make_batch(completions, answers, extras, lengths, self.config)
-        if batch.remaining == 0:
-            batch.done.set()
-        else:
-            self._submitted.append(batch)
-            self._wake()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("RewardPool is closed")
+            if batch.remaining == 0:
+                batch.done.set()
+            else:
+                self._submitted.append(batch)
+                self._wake()
         return RewardHandle(batch)
 
     def close(self) -> None:
         """Stop the workers. Unfinished batches fail with RuntimeError."""
-        if self._closing:
-            return
-        self._closing = True
-        self._wake()
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake()
         self._thread.join()
 
     def __enter__(self) -> RewardPool:
@@ -175,9 +177,8 @@ class RewardPool:
 
     # ---- the dispatcher thread ----------------------------------------------------------------
 
-    def _wake(self) -> None:
-        with self._wake_lock:
-            self._wake_send.send(None)
+    def _wake(self) -> None:  # called with self._lock held
+        self._wake_send.send(None)
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -190,10 +191,7 @@ class RewardPool:
 
     def _loop(self) -> None:
         while not self._closing:
-            while self._submitted:
-                batch = self._submitted.popleft()
-                self._batches.append(batch)
-                self._pending.extend((batch, i) for i in range(len(batch.items)))
+            self._take_submissions()
             if self._broken:
                 self._fail_all(self._broken)
             self._dispatch()
@@ -209,6 +207,12 @@ class RewardPool:
                     self._read(w)
             self._enforce_deadlines()
         self._shutdown()
+
+    def _take_submissions(self) -> None:
+        while self._submitted:
+            batch = self._submitted.popleft()
+            self._batches.append(batch)
+            self._pending.extend((batch, i) for i in range(len(batch.items)))
 
     def _until_next_deadline(self) -> float | None:
         busy = [w.started for w in self._workers if w.ready and w.inflight]
@@ -301,6 +305,7 @@ class RewardPool:
         self._pending.clear()
 
     def _shutdown(self) -> None:
+        self._take_submissions()
         self._fail_all("RewardPool closed before the batch finished")
         for w in self._workers:
             with contextlib.suppress(OSError):
