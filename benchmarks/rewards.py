@@ -16,6 +16,7 @@ The last line printed is a JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -24,10 +25,11 @@ import time
 
 from eureka_jax.rewards import RewardConfig, RewardPool, summarize
 
-WORDS = (
-    "we know that the triangle has sides so the area is given by first compute then substitute "
-    "into the equation which gives therefore since both sides are equal it follows that"
-).split()
+WORDS = [
+    "we", "know", "that", "the", "triangle", "has", "sides", "so", "area", "is", "given", "by",
+    "first", "compute", "then", "substitute", "into", "equation", "which", "gives", "therefore",
+    "since", "both", "are", "equal", "it", "follows",
+]
 
 
 def _reasoning(rng: random.Random) -> str:
@@ -52,16 +54,18 @@ def _problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
             str(n + 1), str(-n), str(n * 2), f"\\frac{{{n}}}{{2}}"]
     if kind == "frac":
         p, q = rng.randint(1, 20), rng.randint(21, 40)
-        return f"\\frac{{{p}}}{{{q}}}", [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{2 * p}}}{{{2 * q}}}"], [
-            f"\\frac{{{q}}}{{{p}}}", f"-\\frac{{{p}}}{{{q}}}", f"{round(p / q, 2)}"]
+        right = [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{2 * p}}}{{{2 * q}}}"]
+        wrong = [f"\\frac{{{q}}}{{{p}}}", f"-\\frac{{{p}}}{{{q}}}", f"{round(p / q, 2)}"]
+        return f"\\frac{{{p}}}{{{q}}}", right, wrong
     if kind == "decimal":
         v = round(rng.uniform(0, 100), 2)
         return str(v), [str(v), f"{v:.3f}", f"\\boxed{{{v}}}"], [
             str(round(v + 0.1, 2)), str(round(v * 10, 2))]
     if kind == "radical":
         a, b = rng.randint(2, 9), rng.choice([2, 3, 5, 6, 7])
-        return f"{a}\\sqrt{{{b}}}", [f"{a}\\sqrt{{{b}}}", f"\\sqrt{{{a * a * b}}}", f"{a}\\sqrt {b}"], [
-            f"{a + 1}\\sqrt{{{b}}}", f"\\sqrt{{{a * b}}}", f"{a * b}"]
+        right = [f"{a}\\sqrt{{{b}}}", f"\\sqrt{{{a * a * b}}}", f"{a}\\sqrt {b}"]
+        wrong = [f"{a + 1}\\sqrt{{{b}}}", f"\\sqrt{{{a * b}}}", f"{a * b}"]
+        return f"{a}\\sqrt{{{b}}}", right, wrong
     if kind == "choice":
         letter = rng.choice("ABCD")
         others = [c for c in "ABCD" if c != letter]
@@ -72,8 +76,8 @@ def _problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
         return f"[{a}, {b})", [f"[{a},{b})", f"[{a}, {b})"], [f"[{a}, {b}]", f"({a}, {b})"]
     if kind == "pi":
         p, q = rng.randint(1, 9), rng.choice([2, 3, 4, 6])
-        return f"\\frac{{{p}\\pi}}{{{q}}}", [f"\\frac{{{p}\\pi}}{{{q}}}", f"\\frac{{{p}}}{{{q}}}\\pi",
-                                           f"{p}\\pi/{q}"], [f"\\frac{{{q}\\pi}}{{{p}}}", f"{p}\\pi"]
+        right = [f"\\frac{{{p}\\pi}}{{{q}}}", f"\\frac{{{p}}}{{{q}}}\\pi", f"{p}\\pi/{q}"]
+        return f"\\frac{{{p}\\pi}}{{{q}}}", right, [f"\\frac{{{q}\\pi}}{{{p}}}", f"{p}\\pi"]
     if kind == "set":
         a, b = sorted(rng.sample(range(-9, 10), 2))
         return f"\\{{{a}, {b}\\}}", [f"\\{{{b}, {a}\\}}", f"{a}, {b}", f"x = {a} or x = {b}"], [
@@ -86,7 +90,8 @@ def _problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
         v = rng.randint(1, 99)
         return f"{v}\\%", [f"{v}\\%", f"{v / 100}", f"{v}"], [f"{v + 1}\\%", f"{v / 10}"]
     k, c = rng.randint(2, 9), rng.randint(1, 9)
-    return f"y = {k}x + {c}", [f"y={k}x+{c}", f"y = {c} + {k}x"], [f"y = {k}x - {c}", f"y = {c}x + {k}"]
+    right, wrong = [f"y={k}x+{c}", f"y = {c} + {k}x"], [f"y = {k}x - {c}", f"y = {c}x + {k}"]
+    return f"y = {k}x + {c}", right, wrong
 
 
 def realistic_batch(rng: random.Random, prompts: int, group: int = 8):
@@ -121,6 +126,7 @@ PATHOLOGICAL = [
     "<answer>\\binom{100000}{50000}</answer>",  # slow-ish big-integer work (about a second)
     "<answer>{{{{{{1}}}}}}</answer>",  # nesting at the guard's limit: the parser takes ~0.4 s
     "<answer>" + "\\boxed{" * 100_000 + "</answer>",
+    "<answer>(10^{8})!</answer>",
 ]
 
 
@@ -128,6 +134,22 @@ def _time_batch(pool: RewardPool, completions, answers, extras) -> tuple[float, 
     start = time.perf_counter()
     results = pool.submit(completions, answers, extras).result()
     return time.perf_counter() - start, results
+
+
+def _pathological_runs(pool: RewardPool, rng: random.Random, prompts: int, repeats: int, label):
+    """Batches with 1% of items replaced by pathological ones: [(seconds, summary, restarts)]."""
+    runs = []
+    for _ in range(repeats):
+        completions, answers, extras = realistic_batch(rng, prompts)
+        n_bad = max(1, len(completions) // 100)
+        for k, i in enumerate(rng.sample(range(len(completions)), n_bad)):
+            completions[i] = PATHOLOGICAL[k % len(PATHOLOGICAL)]
+        restarts = pool.restarts
+        seconds, results = _time_batch(pool, completions, answers, extras)
+        runs.append((seconds, summarize(results), pool.restarts - restarts))
+        print(f"{label}, {n_bad} pathological: {seconds:.2f} s, {runs[-1][1]}, "
+              f"restarts {runs[-1][2]}")
+    return runs
 
 
 def main() -> None:
@@ -147,35 +169,35 @@ def main() -> None:
             seconds, results = _time_batch(pool, *realistic_batch(rng, prompts))
             clean.append(seconds)
             print(f"realistic: {len(results)} items in {seconds:.2f} s, {summarize(results)}")
+        guarded = _pathological_runs(pool, rng, prompts, max(2, repeats - 2), "guards on")
 
-        bad = []
-        for _ in range(max(2, repeats - 2)):
-            completions, answers, extras = realistic_batch(rng, prompts)
-            n_bad = max(1, len(completions) // 100)
-            for k, i in enumerate(rng.sample(range(len(completions)), n_bad)):
-                completions[i] = PATHOLOGICAL[k % len(PATHOLOGICAL)]
-            restarts = pool.restarts
-            seconds, results = _time_batch(pool, completions, answers, extras)
-            stats = summarize(results)
-            bad.append((seconds, stats, pool.restarts - restarts))
-            print(f"with {n_bad} pathological: {seconds:.2f} s, {stats}, "
-                  f"restarts {pool.restarts - restarts}")
+    # The same kind of batch with the guards off: only the per-item time limit (soft in the
+    # worker, hard kill + replacement from the parent) stands between a power tower and a stall.
+    unguarded_config = dataclasses.replace(config, guards=False)
+    with RewardPool(unguarded_config) as pool:
+        _time_batch(pool, *realistic_batch(rng, 4))
+        unguarded = _pathological_runs(pool, rng, prompts, 2, "guards off")
 
-    n = len(completions)
+    def median_seconds(runs):
+        return round(statistics.median(s for s, _, _ in runs), 3)
+
+    items = prompts * 8
     clean_median = statistics.median(clean)
-    bad_median = statistics.median(s for s, _, _ in bad)
     print(json.dumps({
-        "items": n,
+        "items": items,
         "workers": config.num_workers,
         "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "timeout_s": config.timeout_s,
-        "completions_per_s": round(n / clean_median, 1),
+        "completions_per_s": round(items / clean_median, 1),
         "batch_s_median": round(clean_median, 3),
-        "pathological_items": max(1, n // 100),
-        "pathological_batch_s_median": round(bad_median, 3),
-        "pathological_timeouts": [stats["timeouts"] for _, stats, _ in bad],
-        "pathological_skipped": [stats["skipped"] for _, stats, _ in bad],
-        "worker_restarts": [r for _, _, r in bad],
+        "pathological_items": max(1, items // 100),
+        "pathological_batch_s_median": median_seconds(guarded),
+        "pathological_timeouts": [stats["timeouts"] for _, stats, _ in guarded],
+        "pathological_refused_by_guards": [stats["skipped"] for _, stats, _ in guarded],
+        "unguarded_batch_s_median": median_seconds(unguarded),
+        "unguarded_timeouts": [stats["timeouts"] for _, stats, _ in unguarded],
+        "unguarded_worker_restarts": [r for _, _, r in unguarded],
     }))
 
 

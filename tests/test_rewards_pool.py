@@ -108,6 +108,18 @@ def test_adversarial_batch_completes_with_accuracy_zero(pool, tmp_path):
     assert summarize(results)["count"] == len(completions)
 
 
+def test_time_limit_alone_bounds_explosive_answers():
+    """With the guards off, power towers reach sympy: the time limit still ends them."""
+    config = RewardConfig(num_workers=2, timeout_s=TIMEOUT, guards=False)
+    completions = [GOOD.format("9^{9^{9^{9}}}"), GOOD.format("(10^{8})!"), GOOD.format("5")]
+    start = time.perf_counter()
+    with RewardPool(config) as p:
+        results = p.submit(completions, ["5"] * 3).result(timeout=60)
+    assert time.perf_counter() - start < 2 * (TIMEOUT + GRACE) + 5.0
+    assert [r.timed_out for r in results] == [True, True, False]
+    assert results[2].accuracy == 1.0
+
+
 def test_user_function_errors_raise_from_result():
     config = RewardConfig(num_workers=1, user_functions=(("test_rewards:raises", 1.0),))
     with RewardPool(config) as p, pytest.raises(InputError, match="boom"):

@@ -24,13 +24,13 @@ class Verdict:
     skipped: str | None = None  # why the answer was refused without judging (safety guard)
 
 
-def check_ground_truth(answer: str) -> None:
+def check_ground_truth(answer: str, guards: bool = True) -> None:
     """Raise GroundTruthError when `answer` cannot serve as a ground truth."""
     if not isinstance(answer, str) or not answer.strip():
         raise GroundTruthError(f"ground truth {answer!r} is empty or not a string")
     if gold_letter(answer) is not None:
         return
-    reason = unsafe_reason(answer)
+    reason = unsafe_reason(answer) if guards else None
     if reason is not None:
         raise GroundTruthError(f"ground truth {answer[:80]!r} refused: {reason}")
     parse_gold(answer)
@@ -45,13 +45,16 @@ def _equal(prediction: str, answer: str) -> bool:
     return math_equal(prediction, answer)
 
 
-def judge(completion: str, answer: str) -> Verdict:
-    """Accuracy of one completion. Raises GroundTruthError for an unusable ground truth."""
-    check_ground_truth(answer)
+def judge(completion: str, answer: str, guards: bool = True) -> Verdict:
+    """Accuracy of one completion. Raises GroundTruthError for an unusable ground truth.
+
+    `guards=False` skips the safety pre-checks (guard.py), leaving only the caller's time limit:
+    for measuring that limit, never for training."""
+    check_ground_truth(answer, guards)
     prediction = extract_answer(completion)
     if prediction is None or not prediction.strip():
         return Verdict(0.0)
-    reason = unsafe_reason(prediction)
+    reason = unsafe_reason(prediction) if guards else None
     if reason is not None:
         return Verdict(0.0, reason)
     return Verdict(1.0 if _equal(prediction.strip(), answer) else 0.0)

@@ -50,6 +50,8 @@ class RewardConfig:
     timeout_s: wall-time limit per item; an item over it scores accuracy 0 and is counted.
     num_workers: reward worker processes; 0 scores in the calling process (tests, debugging: a
       hang in C code cannot be interrupted there).
+    guards: refuse explosive answers (power towers, deep nesting; guard.py) before parsing. Off
+      only to measure the time limit on its own (benchmarks/rewards.py); never for training.
     """
 
     accuracy_weight: float = 1.0
@@ -61,6 +63,7 @@ class RewardConfig:
     user_functions: tuple[tuple[str, float], ...] = ()
     timeout_s: float = 3.0
     num_workers: int = dataclasses.field(default_factory=_default_workers)
+    guards: bool = True
 
     def __post_init__(self):
         for name in ("accuracy_weight", "format_weight", "overlong_penalty"):
@@ -182,7 +185,7 @@ def score_item(
     accuracy, user = 0.0, []
     try:
         with time_limit(config.timeout_s):
-            verdict = judge(completion, answer)
+            verdict = judge(completion, answer, config.guards)
             accuracy = verdict.accuracy
             for (path, _), fn in zip(config.user_functions, user_fns, strict=True):
                 try:

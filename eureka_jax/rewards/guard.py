@@ -19,6 +19,8 @@ MAX_FACTORIAL = 10_000
 _OPEN, _CLOSE = "({[", ")}]"
 _INT = re.compile(r"\d+")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
+_GROUP_FACTORIAL = re.compile(r"[)}\]]\s*!")
+_BINOMIAL = re.compile(r"\\[dt]?binom\s*\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 _POWER_OP = re.compile(r"\s*(?:\^|\*\*)")
 _LETTER = re.compile(r"[A-Za-z]")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
@@ -57,6 +59,26 @@ def _group_end(text: str, start: int) -> int:
         return n
     m = _TOKEN.match(text, start)
     return m.end() if m else start + 1
+
+
+def _group_start(text: str, close: int) -> int:
+    """Index of the bracket that opens the group closed at `close`."""
+    depth = 0
+    for i in range(close, -1, -1):
+        if text[i] in _CLOSE:
+            depth += 1
+        elif text[i] in _OPEN:
+            depth -= 1
+            if depth == 0:
+                return i
+    return 0
+
+
+def _huge_numeric(text: str) -> bool:
+    """A numeric (letter-free) expression with a power in it or an integer above MAX_FACTORIAL."""
+    if _LETTER.search(_COMMAND.sub("", text)):
+        return False
+    return "^" in text or any(len(n) > 6 or int(n) > MAX_FACTORIAL for n in _INT.findall(text))
 
 
 def _tower_digits(numbers: list[str]) -> float:
@@ -110,4 +132,10 @@ def unsafe_reason(text: str) -> str | None:
     for m in _FACTORIAL.finditer(text):
         if len(m.group(1)) > 6 or int(m.group(1)) > MAX_FACTORIAL:
             return "factorial too large to evaluate"
+    for m in _GROUP_FACTORIAL.finditer(text):
+        if _huge_numeric(text[_group_start(text, m.start()) : m.start() + 1]):
+            return "factorial too large to evaluate"
+    for m in _BINOMIAL.finditer(text):
+        if _huge_numeric(m.group(1)):
+            return "binomial too large to evaluate"
     return _power_problem(text)
