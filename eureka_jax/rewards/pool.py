@@ -13,7 +13,9 @@ therefore always complete, in order, in time bounded by the limit rather than by
 
 Workers start with the 'forkserver' method (a clean, single-threaded server forks them; the trainer
 runs JAX threads, so plain fork is unsafe), with the reward modules preloaded so that a replacement
-worker is ready in milliseconds; 'spawn' where forkserver is unavailable.
+worker is ready in milliseconds; 'spawn' where forkserver is unavailable. As with any non-fork
+multiprocessing, a script that creates a pool must do so under `if __name__ == "__main__":`.
+Keep `extras` small (ids, a few fields): every item's extras are pickled to a worker.
 """
 
 from __future__ import annotations
