@@ -8,7 +8,12 @@ save_pretrained into a temporary directory, so both frameworks load the very sam
 Inputs: a text-only batch (2 x 256 tokens) and a one-image batch (one 448x448 image = 1024
 patches = 256 image tokens, plus its prompt). Host preprocessing is done once, outside the
 timings; the port's compile time is reported separately. Each case runs `--repeats` times after
-one warm-up; medians are printed, then one JSON line. A report, not a test.
+one warm-up, the two frameworks alternating; medians are printed, then one JSON line. A
+report, not a test.
+
+On a machine whose cores are busy with other work, torch's OpenMP threads degrade sharply: with a
+load average of ~7 on 2 cores the text case took 5.5 s with --threads 2 but 0.83 s with
+--threads 1 (the port: 0.9-1.2 s either way). Compare both before drawing conclusions.
 """
 
 from __future__ import annotations
@@ -36,15 +41,18 @@ VISION = dict(hidden_size=256, intermediate_size=768, depth=4, num_heads=4, wind
               fullatt_block_indexes=[1, 3])
 
 
-def median_ms(fn, args: tuple, repeats: int) -> float:
-    """Median wall time of fn(*args) in ms, after one warm-up call; waits for JAX results."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians_ms(calls: dict, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each name -> (fn, args), after one warm-up call each. The calls
+    alternate, so that load from other processes on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_inputs(model_dir: Path, vocab_limit: int) -> dict[str, dict[str, np.ndarray]]:
@@ -99,8 +107,10 @@ def main() -> None:
         theirs = verify.reference_forward(reference, torch_inputs).numpy()
         agreement = verify.compare(ours, theirs, arrays["attention_mask"])
 
-        jax_ms = median_ms(forward, (state, batch), args.repeats)
-        torch_ms = median_ms(verify.reference_forward, (reference, torch_inputs), args.repeats)
+        medians = interleaved_medians_ms(
+            {"jax": (forward, (state, batch)),
+             "torch": (verify.reference_forward, (reference, torch_inputs))}, args.repeats)
+        jax_ms, torch_ms = medians["jax"], medians["torch"]
         results[name] = {
             "tokens": int(arrays["attention_mask"].sum()),
             "patches": int(len(arrays.get("pixel_values", ()))),
