@@ -64,10 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
         "min_lr_ratio": 0.1,
         "freeze_vision": True,
     })
-    c.rewards = ml_collections.ConfigDict({
+    c.rewards = ml_collections.ConfigDict({  # eureka_jax.rewards.RewardConfig
         "accuracy_weight": 1.0,
         "format_weight": 0.5,
-        "timeout_seconds": 5.0,
+        "overlong": "none",  # none | ramp (DAPO) | truncated
+        "overlong_buffer": 0,
+        "overlong_penalty": 1.0,
+        "user_functions": (),  # (("pkg.module:function", weight), ...)
+        "timeout_s": 3.0,
         "num_workers": 2,
     })
     c.eval = ml_collections.ConfigDict({

@@ -117,7 +117,7 @@ class RolloutWorker:
 
     def __init__(self, *, sampler, reward_pool, tokenizer, rl: RLConfig, buckets: Buckets,
                  pad_token_id: int, graphdef, recompute_old_logprobs: bool,
-                 measure_mismatch: bool, max_new_tokens: int, put_on_device):
+                 measure_mismatch: bool, put_on_device):
         self.sampler = sampler
         self.reward_pool = reward_pool
         self.tokenizer = tokenizer
@@ -126,7 +126,6 @@ class RolloutWorker:
         self.pad_token_id = pad_token_id
         self.recompute_old_logprobs = recompute_old_logprobs
         self.measure_mismatch = measure_mismatch or recompute_old_logprobs
-        self.max_new_tokens = max_new_tokens
         self.put_on_device = put_on_device
         from flax import nnx
 
@@ -152,8 +151,7 @@ class RolloutWorker:
                  for row, n in zip(tokens, lengths, strict=True)]
         answers = [e.answer for e in examples for _ in range(group)]
         extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(group)]
-        handle = self.reward_pool.submit(texts, answers, extras, lengths=lengths.tolist(),
-                                         max_length=self.max_new_tokens)
+        handle = self.reward_pool.submit(texts, answers, extras, lengths=lengths.tolist())
         # Device work while the pool scores: the trainer's log-probs of the sampled tokens.
         forward_logp = None
         if self.measure_mismatch:

@@ -227,7 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
             top_p=config.sampling.top_p, stop_token_ids=stop_ids)
         sampler = Sampler(graphdef, sampling)
-        reward_config = RewardConfig(**config.rewards)
+        reward_config = RewardConfig.from_mapping(
+            {**config.rewards.to_dict(), "max_length": sampling.max_new_tokens})
         reward_pool = RewardPool(reward_config)
         pad_id = tokenizer.pad_token_id
         worker = RolloutWorker(
@@ -235,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             buckets=buckets, pad_token_id=pad_id, graphdef=graphdef,
             recompute_old_logprobs=not _samples_from_policy(sampling),
             measure_mismatch=config.train_extras.measure_logprob_mismatch,
-            max_new_tokens=sampling.max_new_tokens, put_on_device=put_on_device)
+            put_on_device=put_on_device)
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(
@@ -261,9 +262,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 step_started = time.perf_counter()
                 metrics: dict[str, list[float]] = {}
 
-                # Rollouts until the filter has kept a full batch of groups.
+                # Rollouts until the filter has kept a full batch of groups (at least one fresh
+                # rollout per step; groups left from the previous step are used first).
                 for rollout in range(loop.max_rollouts_per_step):
-                    if len(pending) >= loop.groups_per_step:
+                    if rollout > 0 and len(pending) >= loop.groups_per_step:
                         break
                     examples = next(data_iter)
                     seed = _rollout_seed(config.seed, step, rollout)
@@ -271,14 +273,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     pending.extend(groups)
                     for key, value in rollout_metrics.items():
                         metrics.setdefault(key, []).append(float(value))
-                if len(pending) < loop.groups_per_step:
-                    raise TrainingDiverged(
-                        f"step {step}: only {len(pending)} of {loop.groups_per_step} groups passed "
-                        f"the online filter in {loop.max_rollouts_per_step} rollouts (every "
-                        "group all-correct or all-wrong); widen rl.filter_low/filter_high, "
-                        "disable the filter, or raise train.max_rollouts_per_step")
-                batch_groups, pending = (pending[:loop.groups_per_step],
-                                         pending[loop.groups_per_step:])
+                # A filter that keeps too few groups (the policy is all-right or all-wrong on
+                # most prompts) must not stall the run: train on the full minibatches there are.
+                per_minibatch = loop.minibatch_size // group
+                usable = min(loop.groups_per_step, len(pending) // per_minibatch * per_minibatch)
+                if usable < loop.groups_per_step:
+                    log.warning("step %d: the online filter kept %d groups in %d rollouts; "
+                                "training on %d", step, len(pending), rollout + 1, usable)
+                batch_groups, pending = pending[:usable], pending[usable:]
+                # Surplus beyond one more batch would only grow staler: drop the oldest.
+                stale = max(0, len(pending) - loop.groups_per_step)
+                pending = pending[stale:]
 
                 # Updates: ppo_epochs passes of minibatches, micro-batches accumulated.
                 update_started = time.perf_counter()
@@ -293,15 +298,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                                                  jnp.float32(scale))
                             for key, value in jax.device_get(out).items():
                                 update_metrics.setdefault(key, []).append(float(value))
-                _check_finite(step, update_metrics)
+                if update_metrics:
+                    _check_finite(step, update_metrics)
                 update_time = time.perf_counter() - update_started
                 metrics = {k: float(np.mean(v)) for k, v in (metrics | update_metrics).items()}
-                metrics["reward/timeouts"] = metrics.get("reward/timeouts", 0.0)
                 metrics["time/update"] = update_time
                 trained_tokens = sum(int(g.lengths_G.sum()) for g in batch_groups)
                 metrics["throughput/tokens_per_s"] = trained_tokens * rl.ppo_epochs / update_time
+                metrics["filter/trained_groups"] = len(batch_groups)
+                metrics["compilations/sampler"] = sampler.num_compilations
+                metrics["compilations/update"] = update_step._cache_size()
                 metrics["lr"] = float(schedule(_optimizer_count(opt_state, tx)))
                 metrics["filter/pending_groups"] = len(pending)
+                metrics["filter/dropped_stale_groups"] = stale
                 metrics["time/step"] = time.perf_counter() - step_started
                 if evaluator is not None and (step % config.eval.every == 0
                                               or step == loop.num_steps):
