@@ -32,13 +32,16 @@ def get_config(arg: str | None = None):
     config.rl.max_response_length = 16
     config.rl.loss = "grpo"
 
-    config.train.num_steps = 40
+    config.train.num_steps = 100
     config.train.prompts_per_rollout = 16
     config.train.groups_per_step = 8
     config.train.minibatch_size = 64
     config.train.micro_batch_size = 64
+    # As the policy improves most groups become all-correct and are filtered out; cap the
+    # resampling so a step stays short (the update then uses the full minibatches it has).
+    config.train.max_rollouts_per_step = 4
 
-    config.optim.lr = 2e-3
+    config.optim.lr = 1e-3
     config.optim.warmup_fraction = 0.05
     config.optim.b2 = 0.99
     config.optim.freeze_vision = False  # the tiny vision tower is random: it has to learn too
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None):
     config.rewards.num_workers = 1
 
     config.eval.data = ""
-    config.eval.every = 10
+    config.eval.every = 25
     config.eval.max_examples = 64
     config.eval.batch_size = 32
 

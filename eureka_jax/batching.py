@@ -141,6 +141,39 @@ def collate_prompts(rows: Sequence[PromptRow], buckets: Buckets, *, pad_token_id
     )
 
 
+def prompt_rows(batch: PromptBatch, config: Qwen25VLConfig) -> list[PromptRow]:
+    """The rows of a NumPy PromptBatch without their padding: the inverse of `collate_prompts`.
+
+    A row's tokens are the positions its attention mask marks (either padding side), its patches
+    the slots with an image segment. E.g. `prompt_rows(verify.port_inputs(hf_arrays, config))`
+    turns Hugging Face processor arrays into rows that can be bucketed for the sampler.
+    """
+    rows = []
+    for b in range(len(batch.input_ids_BxT)):
+        valid_T = np.asarray(batch.attention_mask_BxT[b]).astype(bool)
+        if batch.vision is None:
+            patches = (np.zeros((0, config.vision.patch_features), np.float32),
+                       np.zeros((0, 2), np.int32), np.zeros((0,), np.int32),
+                       np.zeros((0,), np.int32))
+        else:
+            vision = batch.vision
+            count = int((np.asarray(vision.image_segment_BxP[b]) >= 0).sum())
+            patches = tuple(np.asarray(a[b, :count]) for a in (
+                vision.patches_BxPxC, vision.pos_hw_BxPx2, vision.window_segment_BxP,
+                vision.image_segment_BxP))
+        rows.append(PromptRow(
+            input_ids_T=np.asarray(batch.input_ids_BxT[b])[valid_T],
+            positions_3xT=np.asarray(batch.positions_3xBxT[:, b])[:, valid_T],
+            next_position=int(batch.next_position_B[b]),
+            token_source_T=np.asarray(batch.token_source_BxT[b])[valid_T],
+            patches_PxC=patches[0],
+            pos_hw_Px2=patches[1],
+            window_segment_P=patches[2],
+            image_segment_P=patches[3],
+        ))
+    return rows
+
+
 @struct.dataclass
 class TrainBatch:
     """B responses to U unique prompts (each response row points at its prompt row)."""

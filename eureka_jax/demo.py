@@ -2,11 +2,12 @@
 
   1. write the synthetic visual dataset (PIL drawings, MM-Eureka jsonl);
   2. train a tiny tokenizer locally and save a randomly initialised tiny Qwen2.5-VL as a HF dir;
-  3. cold-start SFT on format-only demonstrations: "<think>...</think><answer>N</answer>" with a
-     RANDOM N from the task's answer set, so the policy learns the output format but not the
-     skill (held-out accuracy stays near chance);
-  4. GRPO with the rule rewards (accuracy + 0.5 format): the accuracy gain is learned from the
-     reward alone;
+  3. a short cold-start SFT on correct demonstrations ("<think>look</think><answer>N</answer>"):
+     it teaches the output format and gives a weak policy that has begun to read the image (a
+     policy that has not, e.g. one warm-started on random answers, gives GRPO no signal to
+     amplify: measured, accuracy stays at chance for 150 GRPO steps);
+  4. GRPO with the rule rewards (accuracy + 0.5 format) on the same prompts: everything it adds
+     beyond the SFT policy comes from the reward;
   5. report held-out accuracy before the first GRPO update and at the end, and draw the curves.
 """
 
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
 from eureka_jax import hf_io, testing
@@ -25,10 +25,10 @@ from eureka_jax.data import make_synthetic
 from eureka_jax.metrics import read_metrics
 from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
 
-DEMO_TASKS = ("colour", "count")
-DEMO_ANSWERS = {"colour": ("1", "2", "3", "4"), "count": ("1", "2", "3", "4")}
+DEMO_TASKS = ("colour",)
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.py"
-DEMO_SYSTEM_PROMPT = "Think in <think></think>, then give the answer in <answer></answer>."
+# Tiny models need tiny prompts: every extra token dilutes the attention to the image tokens.
+DEMO_SYSTEM_PROMPT = "Answer."
 
 
 def tiny_model_config(vocab_size: int, ids: dict[str, int]) -> Qwen25VLConfig:
@@ -45,21 +45,19 @@ def tiny_model_config(vocab_size: int, ids: dict[str, int]) -> Qwen25VLConfig:
     )
 
 
-def write_sft_data(train_jsonl: Path, output: Path, seed: int) -> Path:
-    """Format-only demonstrations: the training prompts with a random answer of the right type."""
-    rng = np.random.default_rng(seed)
+def write_sft_data(train_jsonl: Path, output: Path) -> Path:
+    """Cold-start demonstrations: the training prompts with a short, correct response."""
     lines = []
     for line in train_jsonl.read_text().splitlines():
         record = json.loads(line)
-        answer = rng.choice(DEMO_ANSWERS[record["task"]])
-        record["response"] = f"<think>look</think><answer>{answer}</answer>"
+        record["response"] = f"<think>look</think><answer>{record['answer']}</answer>"
         lines.append(json.dumps(record))
     output.write_text("\n".join(lines) + "\n")
     return output
 
 
 def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, seed: int = 0,
-             sft_steps: int = 60, grpo_steps: int | None = None,
+             sft_steps: int = 150, grpo_steps: int | None = None,
              config_overrides: dict | None = None) -> dict:
     from eureka_jax.configs_common import load_config_file
     from eureka_jax.sft import sft
@@ -67,7 +65,8 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
 
     workdir = Path(workdir)
     started = time.perf_counter()
-    data = make_synthetic(workdir / "data", num_train, num_eval, seed=seed, tasks=DEMO_TASKS)
+    data = make_synthetic(workdir / "data", num_train, num_eval, seed=seed, tasks=DEMO_TASKS,
+                          short_questions=True)
     init_dir = workdir / "init_model"
     if not (init_dir / "config.json").exists():
         ids = testing.make_tokenizer_dir(init_dir, min_pixels=4 * 28 * 28,
@@ -90,9 +89,9 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
     sft_dir = workdir / "sft"
     if not (sft_dir / "model" / "config.json").exists():
         config.model.path = str(init_dir)
-        sft_data = write_sft_data(data.train_jsonl, workdir / "data" / "sft.jsonl", seed)
-        print(f"[demo] cold-start SFT on format-only demonstrations ({sft_steps} steps)")
-        sft(config, sft_dir, data=str(sft_data), steps=sft_steps, batch_size=32, lr=3e-3,
+        sft_data = write_sft_data(data.train_jsonl, workdir / "data" / "sft.jsonl")
+        print(f"[demo] cold-start SFT on correct demonstrations ({sft_steps} steps)")
+        sft(config, sft_dir, data=str(sft_data), steps=sft_steps, batch_size=32, lr=1e-3,
             max_response_tokens=config.sampling.max_new_tokens)
     config.model.path = str(sft_dir / "model")
     print(f"[demo] GRPO for {config.train.num_steps} steps -> {workdir / 'grpo'}")

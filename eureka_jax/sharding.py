@@ -76,12 +76,13 @@ def make_mesh(
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+    if math.prod(shape) > len(devices) or math.prod(shape) < 1:
         raise ValueError(
             f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are "
-            "available; set mesh.shape so that its product equals the device count"
+            "available; set mesh.shape so that its product is at most the device count"
         )
-    device_grid = np.asarray(devices).reshape(shape)
+    # A smaller mesh than the machine uses the first devices (e.g. (1, 1, 1) for one device).
+    device_grid = np.asarray(devices[: math.prod(shape)]).reshape(shape)
     return Mesh(device_grid, MESH_AXES)
 
 

@@ -119,9 +119,11 @@ def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None):
 
     def update(params, opt_state, batch, loss_scale):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, loss_scale)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        params = optax.apply_updates(params, updates)
+        metrics["param_norm"] = optax.tree.norm(params)
+        return params, opt_state, metrics
 
     return jax.jit(update, donate_argnums=(0, 1))
 

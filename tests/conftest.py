@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices so that meshes and sharding are exercised without accelerators."""
+"""8 fake CPU devices: meshes and sharding are exercised with no accelerator."""
 
 import os
 

@@ -17,12 +17,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--difficulty", default="easy", choices=list(DIFFICULTIES))
+    parser.add_argument("--short-questions", action="store_true",
+                        help="terse questions ('Colour?') for tiny models")
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if not tasks or set(tasks) - set(TASKS):
         parser.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}")
     dataset = make_synthetic(args.output, args.num_train, args.num_eval, args.seed, tasks=tasks,
-                             difficulty=args.difficulty)
+                             difficulty=args.difficulty, short_questions=args.short_questions)
     print(f"wrote {args.num_train} records to {dataset.train_jsonl}")
     print(f"wrote {args.num_eval} records to {dataset.eval_jsonl}")
     return 0

@@ -82,6 +82,7 @@ class SyntheticItem:
     question: str
     answer: str
     task: str
+    short_question: str = ""  # a terse form for tiny models, whose attention long prompts dilute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ def make_synthetic(
     seed: int = 0,
     tasks: tuple[str, ...] = TASKS,
     difficulty: str | Difficulty = "easy",
+    short_questions: bool = False,
 ) -> SyntheticDataset:
     """Writes out_dir/{train,eval}.jsonl and out_dir/images/{train,eval}/NNNNNN.png. Returns at
     once if out_dir already holds this exact dataset (same arguments)."""
@@ -108,32 +110,35 @@ def make_synthetic(
     result = SyntheticDataset(out_dir / "train.jsonl", out_dir / "eval.jsonl")
     info = {
         "num_train": num_train, "num_eval": num_eval, "seed": seed, "tasks": list(tasks),
-        "difficulty": dataclasses.asdict(level),
+        "difficulty": dataclasses.asdict(level), "short_questions": short_questions,
     }
     info_path = out_dir / _INFO_FILE
     if info_path.is_file() and json.loads(info_path.read_text()) == _jsonable(info):
         return result
     info_path.unlink(missing_ok=True)  # written last: its presence means the dataset is complete
     for split, count in (("train", num_train), ("eval", num_eval)):
-        _write_split(out_dir, split, count, seed, tasks, level)
+        _write_split(out_dir, split, count, seed, tasks, level, short_questions)
     info_path.write_text(json.dumps(info, indent=1))
     return result
 
 
 def make_item(split: str, index: int, seed: int, tasks: tuple[str, ...],
-              difficulty: str | Difficulty = "easy") -> SyntheticItem:
+              difficulty: str | Difficulty = "easy", short_questions: bool = False
+              ) -> SyntheticItem:
     """Item `index` of a split; tasks take turns so that they are balanced."""
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     task = tasks[index % len(tasks)]
-    return _TASK_FNS[task](rng, _difficulty(difficulty))
+    item = _TASK_FNS[task](rng, _difficulty(difficulty))
+    return dataclasses.replace(item, question=item.short_question) if short_questions else item
 
 
-def _write_split(out_dir: Path, split: str, count: int, seed: int, tasks, level) -> None:
+def _write_split(out_dir: Path, split: str, count: int, seed: int, tasks, level,
+                 short_questions: bool) -> None:
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        item = make_item(split, index, seed, tasks, level)
+        item = make_item(split, index, seed, tasks, level, short_questions)
         image_name = f"images/{split}/{index:06d}.png"
         item.image.save(out_dir / image_name)
         message = [{"role": "user", "content": [
@@ -166,14 +171,16 @@ def _jsonable(value):
 
 def _count(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
     shape, count, image = _draw_count_scene(rng, level)
-    return SyntheticItem(image, f"How many {shape}s are in the image?", str(count), "count")
+    return SyntheticItem(image, f"How many {shape}s are in the image?", str(count), "count",
+                         f"{shape.capitalize()}s?")
 
 
 def _add(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
     shape, count, image = _draw_count_scene(rng, level)
     addend = int(rng.integers(1, level.max_addend + 1))
     question = f"Count the {shape}s, then add {addend}."
-    return SyntheticItem(image, question, str(count + addend), "add")
+    return SyntheticItem(image, question, str(count + addend), "add",
+                         f"{shape.capitalize()}s+{addend}?")
 
 
 def _colour(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
@@ -188,7 +195,7 @@ def _colour(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
         _draw_shape(draw, rng, level, cell, kind, COLOURS[others[int(rng.integers(3))]])
     legend = ", ".join(f"{name}={i}" for i, name in enumerate(names, start=1))
     question = f"What colour is the square? ({legend})"
-    return SyntheticItem(image, question, str(names.index(colour) + 1), "colour")
+    return SyntheticItem(image, question, str(names.index(colour) + 1), "colour", "Colour?")
 
 
 def _digit(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
@@ -198,7 +205,7 @@ def _digit(rng: np.random.Generator, level: Difficulty) -> SyntheticItem:
     rects = digit_segment_rects(digit_box(level, rng), level.image_size)
     for segment in DIGIT_SEGMENTS[digit]:
         draw.rectangle(rects[segment], fill=colour)
-    return SyntheticItem(image, "What digit is shown?", str(digit), "digit")
+    return SyntheticItem(image, "What digit is shown?", str(digit), "digit", "Digit?")
 
 
 _TASK_FNS = {"count": _count, "digit": _digit, "colour": _colour, "add": _add}
