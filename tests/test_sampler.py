@@ -19,7 +19,14 @@ from eureka_jax.batching import Buckets, collate_prompts, prompt_row, response_l
 from eureka_jax.errors import InputError
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rollout import rollout_train_batch
-from eureka_jax.sampler import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingConfig
+from eureka_jax.sampler import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Sampler,
+    SamplingConfig,
+    _draw,
+    filter_logits,
+)
 
 GREEDY_TOKENS = 12
 TEXT_BATCH = ("text_short", "text_long", "text_medium")
@@ -186,6 +193,8 @@ def filtered_distribution(logits_V, temperature, top_k, top_p):
         z[order[top_k:]] = -np.inf
     p = np.exp(z - z.max())
     p /= p.sum()
+    if top_p >= 1.0:
+        return p, np.inf
     cumulative = np.cumsum(p[order])
     n_keep = min(int(np.searchsorted(cumulative, top_p)) + 1, len(p))
     margin = min(abs(cumulative[n_keep - 1] - top_p),
@@ -208,6 +217,29 @@ def chi_square_pvalue(counts_V, probs_V, min_expected=5.0):
         expected_bins[smallest] += expected_bins[-1]
         observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
     return stats.chisquare(observed_bins, expected_bins).pvalue, len(expected_bins)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p",
+                         [(1.0, 0, 0.9), (0.5, 40, 1.0), (2.0, 300, 0.5)])
+def test_filter_logits_keeps_the_reference_support(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(0, 3, (64, 1000)).astype(np.float32)
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    kept = np.asarray(jax.jit(filter_logits, static_argnums=1)(logits, config)) > -1e30
+    for row, kept_V in zip(logits, kept, strict=True):
+        probs, margin = filtered_distribution(row, temperature, top_k, top_p)
+        if margin > 1e-5:  # else float32 rounding may legitimately move the cut
+            np.testing.assert_array_equal(kept_V, probs > 0)
+
+
+def test_draw_only_picks_tokens_with_mass():
+    """Inverse-CDF draws over 3 blocks of 128 tokens (the last one padded)."""
+    neg = np.finfo(np.float32).min
+    keys = jax.random.split(jax.random.key(0), 256)
+    draw = jax.jit(_draw)
+    for support in ([0], [299], [127, 128], [5, 250, 299]):
+        logits = np.full((256, 300), neg, np.float32)
+        logits[:, support] = 0.0
+        assert set(np.asarray(draw(jnp.asarray(logits), keys)).tolist()) == set(support)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 16, 0.8), (1.3, 0, 0.6)])
