@@ -41,7 +41,7 @@ def tiny_model_config(vocab_size: int, ids: dict[str, int]) -> Qwen25VLConfig:
                         mrope_section=(4, 6, 6), max_position_embeddings=4096),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
 
 

@@ -14,6 +14,7 @@ reproduces the uninterrupted run's metrics step for step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from eureka_jax.data import PipelineConfig, make_pipeline, open_source
 from eureka_jax.errors import InputError
 from eureka_jax.evaluation import Evaluator, make_preprocess
 from eureka_jax.metrics import MetricsWriter, plot_curves
+from eureka_jax.models.qwen2_5_vl import Qwen25VL
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rewards import RewardConfig, RewardPool
 from eureka_jax.rl_config import RLConfig
@@ -365,3 +367,47 @@ def _check_finite(step: int, metrics: dict[str, list[float]]) -> None:
                 f"step {step}: {key} is not finite ({values}); the update was not checkpointed, "
                 "the last good checkpoint is kept. Lower optim.lr, check the data, or use "
                 "float32 compute")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained policy (export, eval)
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_paths(checkpoint: str | Path) -> tuple[Path, int]:
+    """(run workdir, step) for WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
+    path = Path(checkpoint)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if path.name == "checkpoints" and path.is_dir():
+        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+        if steps:
+            return path.parent, steps[-1]
+    raise InputError(f"{checkpoint}: not a training run or checkpoint (expected WORKDIR, "
+                     "WORKDIR/checkpoints or WORKDIR/checkpoints/STEP with complete checkpoints)")
+
+
+def load_trained_model(checkpoint: str | Path, **runtime):
+    """(model, source HF dir for tokenizer files) from a training checkpoint."""
+    workdir, step = checkpoint_paths(checkpoint)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    source = hf_io.resolve_model_dir(config.model.path)
+    model_config = hf_io.read_config(source, freeze_vision=config.optim.freeze_vision, **runtime)
+    abstract = nnx.eval_shape(lambda: Qwen25VL(model_config, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract)
+    loop = LoopConfig(**config.train)
+    tx, _ = make_optimizer(config.optim, 1, abstract_params,
+                           loop.minibatch_size // loop.micro_batch_size)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"params": abstract_params, "opt_state": abstract_opt})
+    checkpointer = Checkpointer(workdir / "checkpoints", every_steps=0, keep=1000,
+                                async_save=False)
+    try:
+        state, _ = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, state["params"]), source

@@ -49,6 +49,9 @@ def smoke_config(setup, **changes):
     config.train_extras.progress_bar = False
     config.checkpoint.every = 1
     config.checkpoint.async_save = False
+    # A random model earns no reward, so every advantage is 0; the entropy bonus gives each step
+    # a real gradient, which the mesh, resume and freezing comparisons need to mean anything.
+    config.rl.entropy_coef = 0.01
     for key, value in changes.items():
         section, field = key.split(".")
         config[section][field] = value
@@ -82,7 +85,8 @@ def test_resume_after_sigkill_equals_uninterrupted(setup, tmp_path):
     overrides = {"model.path": config.model.path, "data.train": config.data.train,
                  "eval.data": config.eval.data, "data.system_prompt": "Answer.",
                  "rewards.num_workers": 0, "train_extras.progress_bar": False,
-                 "checkpoint.every": 1, "checkpoint.async_save": False, "train.num_steps": 4}
+                 "checkpoint.every": 1, "checkpoint.async_save": False, "train.num_steps": 4,
+                 "rl.entropy_coef": 0.01}
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -111,6 +115,7 @@ def test_mesh_equals_single_device_and_no_recompilation(setup, tmp_path):
         for key in ("loss", "grad_norm", "param_norm", "reward/mean", "response_length/mean"):
             np.testing.assert_allclose(sharded[step][key], single[step][key], rtol=2e-4,
                                        atol=1e-6, err_msg=f"step {step} {key}")
+    assert single[3]["grad_norm"] > 1e-3  # a real update was compared
     for run in (single, sharded):
         assert run[3]["compilations/sampler"] == 1
         assert run[3]["compilations/update"] == 1
@@ -121,12 +126,20 @@ def by_step_after(fn, config, workdir):
     return by_step(workdir)
 
 
-def test_frozen_vision_stays_and_language_model_moves(setup, tmp_path):
-    model_dir, _ = setup
+@pytest.fixture(scope="module")
+def one_step_run(setup, tmp_path_factory):
+    """A one-step run with the vision tower frozen."""
+    workdir = tmp_path_factory.mktemp("one_step")
     config = smoke_config(setup, **{"train.num_steps": 1, "optim.freeze_vision": True})
-    train(config, tmp_path)
+    train(config, workdir)
+    return config, workdir
+
+
+def test_frozen_vision_stays_and_language_model_moves(setup, one_step_run):
+    model_dir, _ = setup
+    config, workdir = one_step_run
     initial = nnx.state(hf_io.load_model(model_dir, freeze_vision=True))
-    checkpointer = Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=1, async_save=False)
+    checkpointer = Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, async_save=False)
     state, _ = checkpointer.restore(1, {"params": abstract_like(initial),
                                         "opt_state": _abstract_opt_state(config, initial)})
     checkpointer.close()
@@ -155,3 +168,32 @@ def test_diverging_run_stops_loudly_and_keeps_last_good_checkpoint(setup, tmp_pa
     good = by_step(tmp_path)
     assert steps and all(math.isfinite(good[s]["loss"]) for s in steps)
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e30
+
+
+def test_export_command_round_trips_the_trained_parameters(setup, one_step_run, tmp_path):
+    from eureka_jax.cli import main
+    from eureka_jax.train import load_trained_model
+
+    _, workdir = one_step_run
+    assert main(["export", "--checkpoint", str(workdir), "--output", str(tmp_path / "hf")]) == 0
+    trained, _ = load_trained_model(workdir)
+    exported = hf_io.load_model(tmp_path / "hf", freeze_vision=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(trained)), jax.tree.leaves(nnx.state(exported)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_eval_command_on_a_run(setup, one_step_run, tmp_path):
+    from eureka_jax.cli import main
+
+    _, data = setup
+    _, workdir = one_step_run
+    output = tmp_path / "results.json"
+    code = main(["eval", "--model", str(workdir), "--data", str(data.eval_jsonl),
+                 "--output", str(output), "--max-new-tokens", "8", "--batch-size", "4",
+                 "--system", "Answer.", "--length-buckets", "128", "--patch-buckets", "64"])
+    assert code == 0
+    results = json.loads(output.read_text())
+    assert results["num_examples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
+    assert all(len(item["completions"]) == 1 for item in results["items"])

@@ -106,6 +106,10 @@ class Qwen25VLConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
+    # Special token ids as the checkpoint declares them (kept for export; None = not set).
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
     # Runtime choices, not part of a Hugging Face checkpoint.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -174,6 +178,9 @@ class Qwen25VLConfig:
         id_fields = ("image_token_id", "video_token_id", "vision_start_token_id",
                      "vision_end_token_id")
         ids = {k: hf[k] for k in id_fields if k in hf}
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = text.get(k)
+            ids[k] = tuple(value) if isinstance(value, list) else value
         return cls(
             vision=VisionConfig(**vision_kwargs),
             text=TextConfig(**text_kwargs),
@@ -196,6 +203,9 @@ class Qwen25VLConfig:
             },
             tie_word_embeddings=self.tie_word_embeddings,
         )
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, k)
+            text[k] = list(value) if isinstance(value, tuple) else value
         vision = dataclasses.asdict(self.vision)
         vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
         vision.update(model_type="qwen2_5_vl_vision")
