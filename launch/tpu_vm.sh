@@ -35,7 +35,7 @@ fi
 
 if [[ "$STEP" == all || "$STEP" == train ]]; then
   # Every host runs the same program (SPMD); jax.distributed discovers the others on TPU VMs.
-  ssh_all "cd eureka_jax && nohup .venv/bin/eureka-jax train --config $CONFIG --workdir $WORKDIR \
+  ssh_all "cd eureka_jax && EUREKA_JAX_DISTRIBUTED=1 nohup .venv/bin/eureka-jax train --config $CONFIG --workdir $WORKDIR \
     ${EXTRA:-} > train.log 2>&1 &"
   echo "started; follow with: gcloud compute tpus tpu-vm ssh $NAME --zone $ZONE --worker=0 --command 'tail -f eureka_jax/train.log'"
 fi

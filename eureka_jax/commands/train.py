@@ -1,10 +1,12 @@
 """`eureka-jax train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`.
 
-Rerunning the same command resumes from the last checkpoint in DIR."""
+Rerunning the same command resumes from the last checkpoint in DIR. On a multi-host slice set
+EUREKA_JAX_DISTRIBUTED=1 (launch/tpu_vm.sh does) so that jax.distributed connects the hosts."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import flags
@@ -26,6 +28,11 @@ def main(argv: list[str]) -> int:
         print("eureka-jax train: --config and --workdir are required", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get("EUREKA_JAX_DISTRIBUTED") == "1":
+        # Multi-host TPU/GPU: every host runs this same command; JAX finds its peers.
+        import jax
+
+        jax.distributed.initialize()
     from eureka_jax.errors import InputError
     from eureka_jax.train import train
 
