@@ -16,7 +16,7 @@ from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rollout import Example
-from eureka_jax.sampler import Sampler, SamplingConfig
+from eureka_jax.sampler import Sampler, SamplingConfig, decode_texts
 
 
 class make_preprocess:  # noqa: N801 (a picklable function for grain worker processes)
@@ -94,9 +94,7 @@ class Evaluator:
                 prompt_keys=[e.index for e in padded]))
             output = self.sampler(params, batch, self.seed)
             tokens, lengths = jax.device_get((output.tokens_NxL, output.lengths_N))
-            for i in range(len(chunk) * k):
-                texts.append(tokenizer.decode(tokens[i, :lengths[i]].tolist(),
-                                              skip_special_tokens=True))
+            texts += decode_texts(tokenizer, tokens[:len(chunk) * k], lengths[:len(chunk) * k])
             examples.extend(chunk)
         answers = [e.answer for e in examples for _ in range(k)]
         extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(k)]

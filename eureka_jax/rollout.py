@@ -26,7 +26,7 @@ from eureka_jax.batching import (
     response_logprobs,
 )
 from eureka_jax.rl_config import RLConfig
-from eureka_jax.sampler import FINISH_LENGTH, PromptBatch, SampleOutput
+from eureka_jax.sampler import FINISH_LENGTH, PromptBatch, SampleOutput, decode_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +147,7 @@ class RolloutWorker:
         rollout_time = time.perf_counter() - started
 
         started = time.perf_counter()
-        texts = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-                 for row, n in zip(tokens, lengths, strict=True)]
+        texts = decode_texts(self.tokenizer, tokens, lengths)
         answers = [e.answer for e in examples for _ in range(group)]
         extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(group)]
         handle = self.reward_pool.submit(texts, answers, extras, lengths=lengths.tolist())

@@ -21,8 +21,6 @@ prompt bucket + max_new_tokens slots. Caches no longer than one chunk are read w
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -301,14 +299,8 @@ class Sampler:
         return self._run(state, batch, jnp.uint32(seed))
 
 
-def decode_texts(tokenizer, output: SampleOutput) -> list[str]:
-    tokens, lengths = jax.device_get((output.tokens_NxL, output.lengths_N))
+def decode_texts(tokenizer, tokens_NxL, lengths_N) -> list[str]:
+    """Completion texts (special tokens dropped) from host arrays of a SampleOutput."""
     return [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
-            for row, length in zip(tokens, lengths, strict=True)]
+            for row, length in zip(tokens_NxL, lengths_N, strict=True)]
 
-
-def pad_to_bucket(n: int, buckets: Sequence[int]) -> int:
-    for bucket in sorted(buckets):
-        if n <= bucket:
-            return bucket
-    return int(math.ceil(n / max(buckets)) * max(buckets))
