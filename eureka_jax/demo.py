@@ -2,10 +2,11 @@
 
   1. write the synthetic visual dataset (PIL drawings, MM-Eureka jsonl);
   2. train a tiny tokenizer locally and save a randomly initialised tiny Qwen2.5-VL as a HF dir;
-  3. a short cold-start SFT on correct demonstrations ("<think>look</think><answer>N</answer>"):
-     it teaches the output format and gives a weak policy that has begun to read the image (a
-     policy that has not, e.g. one warm-started on random answers, gives GRPO no signal to
-     amplify: measured, accuracy stays at chance for 150 GRPO steps);
+  3. a short cold-start SFT on correct demonstrations ("<think>look</think><answer>N</answer>"),
+     stopped as soon as its loss beats the no-information loss: it teaches the output format
+     and gives a weak policy that has begun to read the image. (A policy that has not, e.g. one
+     warm-started on random answers, gives GRPO nothing to amplify: measured, accuracy stayed at
+     chance for 150 GRPO steps.);
   4. GRPO with the rule rewards (accuracy + 0.5 format) on the same prompts: everything it adds
      beyond the SFT policy comes from the reward;
   5. report held-out accuracy before the first GRPO update and at the end, and draw the curves.
@@ -26,6 +27,10 @@ from eureka_jax.metrics import read_metrics
 from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
 
 DEMO_TASKS = ("colour",)
+# The SFT loss when the answer carries no information about the image is ~0.11 per token (a
+# uniform 4-way answer in a 14-token response); stopping just below it hands GRPO a policy that
+# has begun to read the image (held-out greedy accuracy ~0.45 measured) and leaves the rest to RL.
+SFT_STOP_LOSS = 0.09
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.py"
 # Tiny models need tiny prompts: every extra token dilutes the attention to the image tokens.
 DEMO_SYSTEM_PROMPT = "Answer."
@@ -57,7 +62,7 @@ def write_sft_data(train_jsonl: Path, output: Path) -> Path:
 
 
 def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, seed: int = 0,
-             sft_steps: int = 150, grpo_steps: int | None = None,
+             sft_max_steps: int = 400, grpo_steps: int | None = None,
              config_overrides: dict | None = None) -> dict:
     from eureka_jax.configs_common import load_config_file
     from eureka_jax.sft import sft
@@ -90,8 +95,9 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
     if not (sft_dir / "model" / "config.json").exists():
         config.model.path = str(init_dir)
         sft_data = write_sft_data(data.train_jsonl, workdir / "data" / "sft.jsonl")
-        print(f"[demo] cold-start SFT on correct demonstrations ({sft_steps} steps)")
-        sft(config, sft_dir, data=str(sft_data), steps=sft_steps, batch_size=32, lr=1e-3,
+        print("[demo] cold-start SFT on correct demonstrations, until it beats chance")
+        sft(config, sft_dir, data=str(sft_data), steps=sft_max_steps, batch_size=16, lr=1e-3,
+            stop_below_loss=SFT_STOP_LOSS,
             max_response_tokens=config.sampling.max_new_tokens)
     config.model.path = str(sft_dir / "model")
     print(f"[demo] GRPO for {config.train.num_steps} steps -> {workdir / 'grpo'}")

@@ -51,9 +51,13 @@ def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
 
 
 def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, steps: int,
-        batch_size: int, lr: float, max_response_tokens: int, show_progress: bool = True
-        ) -> Path:
-    """Train on `data` for `steps` updates; returns the exported HF directory."""
+        batch_size: int, lr: float, max_response_tokens: int, show_progress: bool = True,
+        stop_below_loss: float | None = None) -> Path:
+    """Train on `data` for up to `steps` updates; returns the exported HF directory.
+
+    stop_below_loss: stop early once the mean loss of the last 10 steps is below this value
+    (a warm-start meant to leave learning to RL stops as soon as it beats the no-information
+    loss)."""
     workdir = Path(workdir)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     with sharding.activate(mesh):
@@ -98,6 +102,7 @@ def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, st
         writer = MetricsWriter(workdir, steps, show_progress=False)
         order = rng.permutation(len(groups))
         position = 0
+        recent: list[float] = []
         with tqdm(total=steps, desc="sft", unit="step", disable=not show_progress) as bar:
             for step in range(1, steps + 1):
                 if position + batch_size > len(order):
@@ -114,6 +119,10 @@ def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, st
                 writer.write(step, {"sft/loss": loss, "time/step": time.perf_counter() - started})
                 bar.set_postfix(loss=f"{loss:.3f}")
                 bar.update(1)
+                recent = (recent + [loss])[-10:]
+                if stop_below_loss is not None and len(recent) == 10 and (
+                        np.mean(recent) < stop_below_loss):
+                    break
         writer.close()
         output = hf_io.export_model(nnx.merge(graphdef, params), workdir / "model",
                                     source_dir=hf_io.resolve_model_dir(config.model.path))
