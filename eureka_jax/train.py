@@ -104,8 +104,11 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None):
-    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both."""
+def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
+    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
+
+    `state_shardings` (of (params, opt_state)) pins the outputs to the inputs' shardings, so the
+    second call does not see new input shardings and compile again."""
 
     def loss_fn(params, batch: batching.TrainBatch, loss_scale):
         model = nnx.merge(graphdef, params)
@@ -127,7 +130,8 @@ def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None):
         metrics["param_norm"] = optax.tree.norm(params)
         return params, opt_state, metrics
 
-    return jax.jit(update, donate_argnums=(0, 1))
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def split_minibatches(groups, loop: LoopConfig, group: int, rng: np.random.Generator):
@@ -193,7 +197,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                       accumulation)
         opt_state = jax.jit(tx.init)(params)
         ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
-        update_step = make_update_step(graphdef, tx, rl, ref_params)
+        update_step = make_update_step(
+            graphdef, tx, rl, ref_params,
+            state_shardings=jax.tree.map(lambda x: x.sharding, (params, opt_state)))
 
         # -- Checkpoint: resume if the workdir has one -----------------------------------------
         checkpointer = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint.every,
