@@ -1,4 +1,4 @@
-"""Random-access record sources: MM-Eureka jsonl, parquet tables, HF `datasets` directories.
+"""Random-access record sources: MM-Eureka jsonl, parquet tables, HF `datasets` and TFDS dirs.
 
 `open_source(path)` picks the source by the path; `source[i]` builds the i-th `Record` or raises
 `BadRecordError`. Sources parse lazily (the pipeline reads records in worker threads) and pickle
@@ -17,6 +17,11 @@ HF `datasets` directories (Dataset.save_to_disk) are read with pyarrow alone, as
 datasets 2.x-4.x writes: state.json listing "_data_files", each an Arrow IPC *stream* file
 (RecordBatchStreamWriter), image columns stored as struct<bytes, path>; a DatasetDict is a
 dataset_dict.json {"splits": [...]} with one such directory per split.
+
+TFDS directories (a prepared dataset version dir holding dataset_info.json and features.json, in
+array_record or parquet format, or any path given as "tfds:DIR") are read with
+tensorflow-datasets' random-access data source, without TensorFlow. Image features are read
+undecoded (the stored PNG/JPEG bytes); text features become str.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import base64
 import binascii
 import bisect
 import dataclasses
+import io
 import json
 import os
 import urllib.parse
@@ -32,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -63,9 +70,14 @@ class RecordSource(Protocol):
 
 
 def open_source(path: str | os.PathLike, *, split: str | None = None) -> RecordSource:
-    """A source for a .jsonl file, a .parquet file or a HF datasets directory (`split` picks one
-    split of a DatasetDict directory; it may be omitted when there is only one)."""
+    """A source for a .jsonl file, a .parquet file, a HF datasets directory or a TFDS directory
+    (`split` picks one split of a DatasetDict or TFDS directory; it may be omitted when there is
+    only one)."""
+    if str(path).startswith(_TFDS_PREFIX):
+        return TfdsSource(str(path)[len(_TFDS_PREFIX):], split)
     path = Path(path)
+    if path.is_dir() and is_tfds_dir(path):
+        return TfdsSource(path, split)
     if path.is_dir():
         return ArrowDatasetSource(hf_dataset_dir(path, split))
     if not path.is_file():
@@ -76,7 +88,7 @@ def open_source(path: str | os.PathLike, *, split: str | None = None) -> RecordS
         return ParquetSource(path)
     raise InputError(
         f"{path}: unknown data format {path.suffix!r}. Use a .jsonl file (MM-Eureka format), a "
-        ".parquet file, or a directory written by datasets' save_to_disk."
+        ".parquet file, a directory written by datasets' save_to_disk, or a TFDS directory."
     )
 
 
@@ -252,6 +264,120 @@ def _check_columns(columns: list[str], path: str) -> None:
             f"{path}: columns {columns} lack 'answer' or a question column (one of "
             f"{list(_QUESTION_FIELDS)}). Rename the columns."
         )
+
+
+# ----------------------------------------------------------------------------- tfds
+
+_TFDS_PREFIX = "tfds:"
+
+
+def is_tfds_dir(directory: Path) -> bool:
+    """Whether `directory` is a prepared TFDS dataset version directory."""
+    return (directory / "dataset_info.json").is_file() and (directory / "features.json").is_file()
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise InputError(
+            f"reading a TFDS dataset needs tensorflow-datasets ({e}); install it with "
+            "`pip install tensorflow-datasets` (TensorFlow itself is not needed)."
+        ) from e
+    return tfds
+
+
+class TfdsSource:
+    """One split of a TFDS dataset directory (array_record or parquet files), read through
+    `tfds.builder_from_directory(dir).as_data_source(split)`; opened lazily in each process."""
+
+    def __init__(self, directory: str | os.PathLike, split: str | None = None):
+        directory = Path(directory)
+        if not is_tfds_dir(directory):
+            raise InputError(
+                f"{directory}: not a TFDS dataset directory (no dataset_info.json and "
+                "features.json). Pass the prepared version directory, e.g. DATA_DIR/NAME/1.0.0."
+            )
+        self.path = str(directory)
+        builder = self._builder()
+        splits = sorted(builder.info.splits)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split is None or split.partition("[")[0] not in splits:
+            raise InputError(
+                f"{directory}: a TFDS dataset with splits {splits}; choose one with split=NAME "
+                f"(--split NAME){'' if split is None else f', not {split!r}'}."
+            )
+        self.split = split
+        features = builder.info.features
+        self._text_fields = frozenset(
+            k for k, f in features.items() if type(f).__name__ == "Text"
+        )
+        self._image_fields = frozenset(
+            k for k, f in features.items() if type(f).__name__ == "Image"
+        )
+        self._data = None
+        self._length = len(self._open())
+
+    def _builder(self):
+        tfds = _import_tfds()
+        try:
+            return tfds.builder_from_directory(self.path)
+        except Exception as e:  # noqa: BLE001 - tfds raises many kinds; report them alike
+            raise InputError(f"{self.path}: cannot open the TFDS dataset ({e}).") from e
+
+    def _open(self):
+        if self._data is None:
+            tfds = _import_tfds()
+            builder = self._builder()
+            decoders = {name: tfds.decode.SkipDecoding() for name in self._image_fields}
+            try:
+                self._data = builder.as_data_source(self.split, decoders=decoders)
+            except Exception as e:  # noqa: BLE001
+                raise InputError(
+                    f"{self.path}: cannot read split {self.split!r} ({e}). TFDS random access "
+                    "needs the array_record or parquet file format."
+                ) from e
+        return self._data
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> Record:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        example = self._open()[index]
+        fields = {name: self._field(name, value) for name, value in example.items()}
+        return record_from_fields(
+            fields, base_dir=self.path, source_file=f"{self.path}[{self.split}]",
+            source_line=index + 1,
+        )
+
+    def _field(self, name: str, value):
+        if name in self._text_fields and isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        if isinstance(value, np.ndarray):
+            if value.dtype == np.uint8 and value.ndim in (3, 4):  # decoded image(s)
+                return _png_bytes(value) if value.ndim == 3 else [_png_bytes(v) for v in value]
+            if value.dtype == object:  # a sequence of encoded images or strings
+                return [self._field(name, v) for v in value]
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+
+def _png_bytes(array) -> bytes:
+    from PIL import Image
+
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- one record
