@@ -320,3 +320,24 @@ def draw_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Ima
         image.putalpha(Image.fromarray(alpha, "L"))
         return image
     return image if mode == "RGB" else image.convert(mode)
+
+
+def hf_reference_processor(path: str | os.PathLike, padding_side: str = "right"):
+    """transformers' own Qwen2_5_VLProcessor for a directory, without its video processor (which
+    needs torchvision): the reference our processing is compared with. Needs transformers."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    return ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer)

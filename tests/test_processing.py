@@ -43,22 +43,7 @@ def processor(tok_dir):
 @pytest.fixture(scope="module")
 def hf_processor(tok_dir):
     """Qwen2_5_VLProcessor without a video processor (torchvision is unavailable here)."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(tok_dir), tokenizer)
+    return testing.hf_reference_processor(tok_dir)
 
 
 def hf_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask):

@@ -29,22 +29,7 @@ def reference(model_dir):
 def hf_processor_arrays(model_dir, texts, images, padding_side):
     """The transformers processor's own output (Qwen2_5_VLProcessor without its video processor,
     which needs torchvision)."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side=padding_side)
-    processor = ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(model_dir), tokenizer)
+    processor = testing.hf_reference_processor(model_dir, padding_side)
     out = processor(text=texts, images=images, padding=True, return_tensors="np")
     return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
