@@ -46,7 +46,11 @@ rollout and a step may run several rollouts, which metrics.jsonl does not record
 estimates it from time/step. Steps with an evaluation and step 1 (compilation) are left out.
 
 A report, not a test: each timing is the median of --repeats after a warm-up, the two frameworks
-alternating so that load from other processes hits them alike; the last line is one JSON object.
+alternating so that load from other processes hits them alike; every repeat and the minimum are
+in the JSON too. On a shared machine the load changes within a run, and torch's OpenMP threads
+slow down far more than XLA's when the cores are oversubscribed (see benchmarks/forward.py):
+compare the minima, which approach the uncontended times, before drawing conclusions. The last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -425,6 +429,9 @@ def main() -> None:
             "torch_tokens_per_s": round(tokens / torch_ms * 1e3, 1),
             "jax_gflop_per_s": round(flops["total"] / jax_ms / 1e6, 1),
             "torch_gflop_per_s": round(flops["total"] / torch_ms / 1e6, 1),
+            "jax_ms_min": round(min(times["jax"]), 1),
+            "torch_ms_min": round(min(times["torch"]), 1),
+            "torch_over_jax_min": round(min(times["torch"]) / min(times["jax"]), 2),
             "jax_ms_each": [round(t) for t in times["jax"]],
             "torch_ms_each": [round(t) for t in times["torch"]],
             "jax_compile_and_first_step_s": round(compile_s, 1),
@@ -442,7 +449,8 @@ def main() -> None:
               f"patches, {c['gflop']} GFLOP | jax {c['jax_ms']:.0f} ms "
               f"({c['jax_tokens_per_s']:.0f} tok/s, {c['jax_fraction_of_peak']:.1%} of peak) | "
               f"torch {c['torch_ms']:.0f} ms ({c['torch_tokens_per_s']:.0f} tok/s, "
-              f"{c['torch_fraction_of_peak']:.1%}) | torch/jax {c['torch_over_jax']} | logp max "
+              f"{c['torch_fraction_of_peak']:.1%}) | torch/jax {c['torch_over_jax']} (minima "
+              f"{c['jax_ms_min']:.0f} / {c['torch_ms_min']:.0f} ms) | logp max "
               f"diff {c['logp_max_abs_diff']:.1e}, grad norm {c['grad_norm']['jax']:.5f} vs "
               f"{c['grad_norm']['torch']:.5f}")
 
