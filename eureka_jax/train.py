@@ -78,7 +78,7 @@ class LoopConfig:
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params: nnx.State,
-                   accumulation: int) -> optax.GradientTransformation:
+                   accumulation: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW, warmup then cosine to min_lr_ratio*lr, global-norm clipping, frozen vision tower."""
     warmup = int(round(optim.warmup_fraction * total_updates))
     schedule = optax.warmup_cosine_decay_schedule(
