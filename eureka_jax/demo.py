@@ -80,6 +80,11 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
         hf_io.export_model(model, init_dir, source_dir=init_dir)
         print(f"[demo] random tiny model: {_count(model):,} parameters -> {init_dir}")
 
+    if not TINY_CONFIG.exists():
+        from eureka_jax.errors import InputError
+
+        raise InputError(f"{TINY_CONFIG} not found: configs/ ships with the repository, not the "
+                         "wheel; run the demo from a checkout (pip install -e .)")
     config = load_config_file(TINY_CONFIG)
     config.data.system_prompt = DEMO_SYSTEM_PROMPT
     config.data.train = str(data.train_jsonl)
