@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 
 from eureka_jax.errors import InputError
+from eureka_jax.grpo import token_entropy, token_logprobs
 from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionInputs
 from eureka_jax.processing import (
     EncodedPrompt,
@@ -191,8 +192,6 @@ def response_logprobs(model, batch: TrainBatch, *, with_entropy: bool = False):
 
     The vision tower runs once per unique prompt; its features are gathered per response.
     """
-    from eureka_jax.grpo import token_entropy, token_logprobs
-
     prompts = batch.prompts
     index = batch.prompt_index_B
     features = None

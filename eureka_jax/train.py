@@ -179,6 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             compute_dtype=config.model.compute_dtype, remat=config.model.remat,
             freeze_vision=config.optim.freeze_vision)
         graphdef, params = nnx.split(model)
+        model_config = model.config
         del model
         processor = QwenVLProcessor.from_pretrained(
             config.model.path, min_pixels=config.data.min_pixels,
@@ -217,7 +218,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         pending = unpack_groups(unpack_arrays(host["pending"])) if host else []
 
         # -- Data ---------------------------------------------------------------------------------
-        preprocess = make_preprocess(processor, model_config=nnx.merge(graphdef, params).config,
+        preprocess = make_preprocess(processor, model_config=model_config,
                                      system_prompt=config.data.system_prompt,
                                      max_prompt_length=max(buckets.lengths))
         source = open_source(config.data.train)
@@ -250,8 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(
-                graphdef=graphdef, processor=processor, model_config=nnx.merge(graphdef,
-                                                                             params).config,
+                graphdef=graphdef, processor=processor, model_config=model_config,
                 data=config.eval.data, max_examples=config.eval.max_examples,
                 batch_size=config.eval.batch_size, buckets=buckets,
                 system_prompt=config.data.system_prompt,
@@ -358,10 +358,10 @@ def _rollout_seed(seed: int, step: int, rollout: int) -> int:
 
 def _optimizer_count(opt_state, tx) -> int:
     """Number of optimizer updates applied so far (for the learning-rate metric)."""
-    counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
-              if jax.tree_util.keystr(path).endswith(".count") and jnp.ndim(x) == 0]
     if isinstance(tx, optax.MultiSteps):
         return int(opt_state.gradient_step)
+    counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
+              if jax.tree_util.keystr(path).endswith(".count") and jnp.ndim(x) == 0]
     return max(counts) - 1 if counts else 0
 
 
