@@ -1,8 +1,9 @@
 """The group sampler: P prompts x G samples in one compiled program per shape bucket.
 
-    vision tower once per prompt -> prefill once per prompt into a KV cache -> the cache is repeated
-    for the G samples of each group -> lax.while_loop decoding (temperature / top-k / top-p, stop
-    ids) that ends when every sample has stopped -> tokens, log-probs, lengths, finish reasons.
+    vision tower once per prompt -> prefill once per prompt into a KV cache that the G samples of
+    the group share (never copied G times) -> lax.while_loop decoding (temperature / top-k /
+    top-p, stop ids) that ends when every sample has stopped -> tokens, log-probs, lengths, finish
+    reasons.
 
 The parameters are an argument of the compiled function (not constants baked into it), so the
 trainer calls the same program with its current weights: no second inference engine, no weight
@@ -13,9 +14,10 @@ Reproducibility: the random key of sample g of a prompt at decoding step i is
 fold_in(fold_in(fold_in(seed, prompt_key), g), i). `prompt_key` is supplied per prompt by the
 caller (a dataset index, say), so a sample does not depend on which batch, row or mesh it ran in.
 
-Reads per decoding step: all parameters once, plus each sample's KV cache up to the last written
-slot (model config `decode_chunk` slots at a time, online softmax), not the whole buffer of
-prompt bucket + max_new_tokens slots. Caches no longer than one chunk are read whole.
+Reads per decoding step: all parameters once, each prompt's K/V once for its whole group (one
+product for the G samples), and each sample's generated K/V up to the last written slot (model
+config `decode_chunk` slots at a time, online softmax; a buffer no longer than one chunk is read
+whole).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from flax import nnx, struct
 
 from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import KVCache, Qwen25VL, VisionInputs
-from eureka_jax.sharding import constrain
 
 FINISH_STOP, FINISH_LENGTH = 1, 2
 FINISH_REASONS = {0: "running", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
@@ -147,7 +148,8 @@ _DRAW_BLOCK = 128
 
 
 def _draw(logits_NxV, keys_N):
-    """One token per row, with probability softmax(logits), by inverse-CDF sampling.
+    """One token per row, with probability softmax(logits), by inverse-CDF sampling; also each
+    row's logsumexp(logits), from the same exponentials (one pass over the vocabulary fewer).
 
     One uniform number per row: a Gumbel-max draw (jax.random.categorical) needs V random
     numbers per row, which at 128 rows x 32k vocabulary costs a third of a decoding step on CPU.
@@ -157,7 +159,8 @@ def _draw(logits_NxV, keys_N):
     """
     n, v = logits_NxV.shape
     blocks = -(-v // _DRAW_BLOCK)
-    mass_NxV = jnp.exp(logits_NxV - logits_NxV.max(axis=-1, keepdims=True))
+    max_N = logits_NxV.max(axis=-1)
+    mass_NxV = jnp.exp(logits_NxV - max_N[:, None])
     mass_NxCxB = jnp.pad(mass_NxV, ((0, 0), (0, blocks * _DRAW_BLOCK - v))).reshape(
         n, blocks, _DRAW_BLOCK)
     block_mass_NxC = mass_NxCxB.sum(axis=-1)
@@ -175,7 +178,8 @@ def _draw(logits_NxV, keys_N):
         block_cum_NxC, jnp.maximum(block_N - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     inner_NxB = jnp.take_along_axis(mass_NxCxB, block_N[:, None, None], axis=1)[:, 0]
     inner_cum_NxB = before_N[:, None] + jnp.cumsum(inner_NxB, axis=-1)
-    return block_N * _DRAW_BLOCK + first_above(inner_cum_NxB, inner_NxB)
+    token_N = block_N * _DRAW_BLOCK + first_above(inner_cum_NxB, inner_NxB)
+    return token_N, max_N + jnp.log(block_cum_NxC[:, -1])
 
 
 def _choose(logits_NxV, keys_N, config: SamplingConfig):
@@ -183,12 +187,12 @@ def _choose(logits_NxV, keys_N, config: SamplingConfig):
     if config.greedy:
         logits_NxV = logits_NxV.astype(jnp.float32)
         token_N = jnp.argmax(logits_NxV, axis=-1)
+        log_normaliser_N = jax.nn.logsumexp(logits_NxV, axis=-1)
     else:
         logits_NxV = filter_logits(logits_NxV, config)
-        token_N = _draw(logits_NxV, keys_N)
+        token_N, log_normaliser_N = _draw(logits_NxV, keys_N)
     token_logit_N = jnp.take_along_axis(logits_NxV, token_N[:, None], axis=-1)[:, 0]
-    logp_N = token_logit_N - jax.nn.logsumexp(logits_NxV, axis=-1)
-    return token_N.astype(jnp.int32), logp_N
+    return token_N.astype(jnp.int32), token_logit_N - log_normaliser_N
 
 
 def _sample_keys(seed, prompt_key_N, sample_index_N, step):
@@ -204,27 +208,21 @@ def _sample_keys(seed, prompt_key_N, sample_index_N, step):
 def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) -> SampleOutput:
     """Pure function of (model, batch, seed): trace it under jit (see `Sampler`)."""
     group = config.num_samples
-    p, t = batch.input_ids_BxT.shape
+    p = batch.input_ids_BxT.shape[0]
     n, max_new = p * group, config.max_new_tokens
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
-    # Prompt: vision tower and prefill once per prompt.
+    # Prompt: vision tower and prefill once per prompt; the group shares the prompt's cache.
     features = None if batch.vision is None else model.encode_images(batch.vision)
     x_BxTxD = model.embed(batch.input_ids_BxT, features, batch.token_source_BxT)
-    kv_valid_BxS = jnp.concatenate(
-        [batch.attention_mask_BxT.astype(bool), jnp.ones((p, max_new), bool)], axis=1)
-    cache = KVCache.zeros(model.config, p, t + max_new)
-    hidden_BxTxD, cache = model.decode(x_BxTxD, batch.positions_3xBxT, kv_valid_BxS, cache, 0)
+    hidden_BxTxD, prompt_kv = model.decode(x_BxTxD, batch.positions_3xBxT,
+                                           batch.attention_mask_BxT.astype(bool))
+    cache = KVCache.from_prompt(prompt_kv, batch.attention_mask_BxT, group, max_new)
     first_logits_BxV = model.logits(hidden_BxTxD[:, -1:])[:, 0]
 
-    # The group shares its prompt: repeat the cache rows instead of prefilling G times.
     def repeat(x):
         return jnp.repeat(x, group, axis=0)
 
-    cache = jax.tree.map(
-        lambda c: constrain(repeat(c), ("batch", "cache_length", "act_kv_heads", "head_dim")),
-        cache)
-    kv_valid_NxS = repeat(kv_valid_BxS)
     next_position_N = repeat(batch.next_position_B)
     prompt_key_N = repeat(batch.prompt_key_B)
     sample_index_N = jnp.tile(jnp.arange(group, dtype=jnp.uint32), p)
@@ -250,8 +248,8 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
         x_Nx1xD = model.embed(state.last_token_N[:, None])
         positions_3xNx1 = jnp.broadcast_to(
             (next_position_N + state.step - 1)[None, :, None], (3, n, 1))
-        hidden, cache = model.decode(
-            x_Nx1xD, positions_3xNx1, kv_valid_NxS, state.cache, t + state.step - 1)
+        # The token fed at step i was generated at step i - 1: it goes to generated slot i - 1.
+        hidden, cache = model.decode_step(x_Nx1xD, positions_3xNx1, state.cache, state.step - 1)
         token_N, logp_N = pick(model.logits(hidden)[:, 0], state.step)
         live_N = ~state.done_N
         token_N = jnp.where(live_N, token_N, 0)

@@ -155,6 +155,26 @@ def test_greedy_matches_transformers(names, model, params, processor, prompts, h
     assert (out.lengths_N == max_new).all() and (out.finish_N == FINISH_LENGTH).all()
 
 
+@pytest.mark.parametrize("chunk", [5, 8])
+def test_chunked_reads_of_generated_slots(chunk, model_dir, params, processor, prompts, hf_model,
+                                          greedy_sampler):
+    """A generated buffer longer than decode_chunk is read chunk by chunk, only up to the last
+    written slot, with an online softmax (chunks of 5 over 12 slots: 0-4, 5-9, then 7-11 masked
+    to 10-11; of 8: 0-7, then 4-11 masked to 8-11). Same tokens as transformers, and the same
+    log-probs as the one-softmax path."""
+    chunked = hf_io.load_model(model_dir, decode_chunk=chunk)
+    sampler = Sampler.for_model(chunked, greedy_sampler.config)
+    names = ("image_small", "text_long")
+    batch = make_batch(chunked, processor, [prompts[n] for n in names])
+    out = sample(sampler, nnx.state(chunked), batch)
+    for row, name in enumerate(names):
+        expected, _ = hf_greedy(hf_model, prompts[name], chunked.config.image_token_id,
+                                GREEDY_TOKENS)
+        np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
+    whole = sample(greedy_sampler, params, batch)
+    np.testing.assert_allclose(out.logprobs_NxL, whole.logprobs_NxL, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler log-probs == teacher-forced log-probs
 # ---------------------------------------------------------------------------------------------
@@ -233,14 +253,18 @@ def test_filter_logits_keeps_the_reference_support(temperature, top_k, top_p):
 
 
 def test_draw_only_picks_tokens_with_mass():
-    """Inverse-CDF draws over 3 blocks of 128 tokens (the last one padded)."""
+    """Inverse-CDF draws over 3 blocks of 128 tokens (the last one padded); the normaliser it
+    returns is logsumexp."""
     neg = np.finfo(np.float32).min
     keys = jax.random.split(jax.random.key(0), 256)
     draw = jax.jit(_draw)
     for support in ([0], [299], [127, 128], [5, 250, 299]):
         logits = np.full((256, 300), neg, np.float32)
-        logits[:, support] = 0.0
-        assert set(np.asarray(draw(jnp.asarray(logits), keys)).tolist()) == set(support)
+        logits[:, support] = np.linspace(-1.0, 2.0, len(support))
+        tokens, log_normaliser = draw(jnp.asarray(logits), keys)
+        assert set(np.asarray(tokens).tolist()) == set(support)
+        expected = np.log(np.exp(logits[0, support].astype(np.float64)).sum())
+        np.testing.assert_allclose(log_normaliser, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 16, 0.8), (1.3, 0, 0.6)])

@@ -12,9 +12,9 @@ full-attention blocks). The language model takes 3-D M-RoPE positions computed o
 `token_source` map that says which merged vision token fills each <|image_pad|> slot. Nothing in
 this file depends on the number or sizes of images, so one compiled program serves a shape bucket.
 
-Attention masks are expressed in key slots: a query at cache slot q may read key slot s when
-`kv_valid[b, s]` and `s <= q`. The same rule serves a teacher-forced forward (slots = positions in
-the sequence), a prefill into a KV cache, and single-token decoding.
+Attention masks: a teacher-forced forward or a prefill is causal over its T tokens, with
+`kv_valid[b, s]` False on left padding. A decoding step attends to its group's prompt (shared by
+the G samples, stored once) and to its own generated tokens so far (see KVCache).
 
 Einsum letters: B batch, T query length, S key length, N heads, K kv heads, G query heads per kv
 head, H head dim, D model dim, F mlp dim, V vocab, P patches, C patch features, M merged tokens.
@@ -115,7 +115,8 @@ class Qwen25VLConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
     freeze_vision: bool = False  # stop gradients at the vision tower's output
-    # Decoding reads the KV cache in chunks of this many slots, up to the last written slot.
+    # Decoding reads the generated part of the KV cache in chunks of this many slots, up to
+    # the last written one (a buffer no longer than one chunk is read whole).
     decode_chunk: int = 256
 
     def __post_init__(self):
@@ -240,22 +241,51 @@ class VisionInputs:
 
 
 @struct.dataclass
-class KVCache:
-    """Per-layer keys and values, [B, S, K, H] each; slot s holds the token written at s."""
+class LayerKV:
+    """One decoder layer's cache. Keys are stored transposed ([.., H, S]) so that q . k is a plain
+    [G, H] x [H, S] product per row and kv head and a decoding step never changes the cache's
+    layout (XLA otherwise transposes the whole cache every step, which on CPU cost more than the
+    attention itself)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    prompt_k: jax.Array  # [P, K, H, T]: the prompt's keys, once per prompt
+    prompt_v: jax.Array  # [P, K, T, H]
+    gen_k: jax.Array  # [N, K, H, L]: generated tokens' keys, once per sample
+    gen_v: jax.Array  # [N, K, L, H]
+
+
+@struct.dataclass
+class KVCache:
+    """Decoding cache for P prompts x G samples each (N = P*G rows, prompt-major).
+
+    The G samples of a group share their prompt, so the prompt's keys and values are stored once
+    per prompt and read once per group (a GRPO prompt with an image is ~1k tokens; G copies of it
+    would dominate the cache), while each sample's generated tokens go to its own slots: gen slot
+    i holds the i-th generated token fed back to the model.
+    """
+
+    layers: tuple[LayerKV, ...]
+    prompt_valid_PxT: jax.Array  # bool: False on left padding
 
     @classmethod
-    def zeros(cls, config: Qwen25VLConfig, batch: int, length: int) -> KVCache:
-        text = config.text
-        shape = (batch, length, text.num_key_value_heads, text.head_dim)
-        dtype = DTYPES[config.compute_dtype]
-        layers = range(text.num_hidden_layers)
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-        )
+    def from_prompt(cls, prompt_kv, prompt_valid_PxT, group: int, max_new: int) -> KVCache:
+        """The cache after a prefill: `prompt_kv` is each layer's (k, v), [P, T, K, H] each, as
+        `Qwen25VL.decode` returns them; room for `max_new` generated tokens per sample."""
+        layers = []
+        for k_PxTxKxH, v_PxTxKxH in prompt_kv:
+            p, _, k, h = k_PxTxKxH.shape
+            gen_shape = (p * group, k, max_new, h)
+            layers.append(LayerKV(
+                prompt_k=constrain(k_PxTxKxH.transpose(0, 2, 3, 1), CACHE_K_AXES),
+                prompt_v=constrain(v_PxTxKxH.transpose(0, 2, 1, 3), CACHE_V_AXES),
+                gen_k=constrain(jnp.zeros(gen_shape, k_PxTxKxH.dtype).transpose(0, 1, 3, 2),
+                                CACHE_K_AXES),
+                gen_v=constrain(jnp.zeros(gen_shape, v_PxTxKxH.dtype), CACHE_V_AXES),
+            ))
+        return cls(layers=tuple(layers), prompt_valid_PxT=prompt_valid_PxT.astype(bool))
+
+
+CACHE_K_AXES = ("batch", "act_kv_heads", "head_dim", "cache_length")
+CACHE_V_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,59 +503,101 @@ def mrope_cos_sin(positions_3xBxT, inv_freq, mrope_section):
     return jnp.cos(freqs_BxTxH), jnp.sin(freqs_BxTxH)
 
 
-def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, q_slot_BxT):
-    """Softmax attention over all S key slots with the slot-causal mask."""
+def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS):
+    """Causal softmax attention of T queries over the same T tokens (S == T)."""
     h = q_BxTxKxGxH.shape[-1]
-    s = k_BxSxKxH.shape[1]
+    t = q_BxTxKxGxH.shape[1]
     scores = jnp.einsum(
         "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
         preferred_element_type=jnp.float32, precision=_precision(q_BxTxKxGxH.dtype),
     ) * (h**-0.5)
-    causal_BxTxS = jnp.arange(s)[None, None, :] <= q_slot_BxT[:, :, None]
-    mask_BxTxS = causal_BxTxS & kv_valid_BxS[:, None, :]
+    causal_TxS = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    mask_BxTxS = causal_TxS[None] & kv_valid_BxS[:, None, :]
     probs = _masked_softmax(scores, mask_BxTxS[:, None, None]).astype(v_BxSxKxH.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype))
 
 
-def _chunked_decode_attention(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, last_slot, chunk):
-    """One query token against cache slots 0..last_slot only, `chunk` slots at a time, with an
-    online softmax: a decoding step reads the filled part of the cache, not the whole buffer."""
-    b, _, k, g, h = q_Bx1xKxGxH.shape
-    s = k_BxSxKxH.shape[1]
-    q_BxKxGxH = q_Bx1xKxGxH[:, 0].astype(jnp.float32) * (h**-0.5)
-    neg = jnp.finfo(jnp.float32).min
+# Decoding attention is computed in parts (the shared prompt, then chunks of generated slots),
+# each part kept as an unnormalised softmax: (running max, sum of weights, weighted values).
+_NEG = float(jnp.finfo(jnp.float32).min)
 
-    def body(index, carry):
-        max_BxKxG, sum_BxKxG, acc_BxKxGxH = carry
+
+def _attend_part(scores, valid, v, values_spec: str):
+    """(max, weight sum, weighted values) of one part; `scores` float32 with keys last."""
+    scores = jnp.where(valid, scores, _NEG)
+    max_ = scores.max(axis=-1)
+    weights = jnp.where(valid, jnp.exp(scores - max_[..., None]), 0.0)
+    values = jnp.einsum(values_spec, weights.astype(v.dtype), v,
+                        preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+    return max_, weights.sum(axis=-1), values
+
+
+def _merge_parts(a, b):
+    (max_a, sum_a, values_a), (max_b, sum_b, values_b) = a, b
+    max_ = jnp.maximum(max_a, max_b)
+    scale_a, scale_b = jnp.exp(max_a - max_), jnp.exp(max_b - max_)
+    return (max_, sum_a * scale_a + sum_b * scale_b,
+            values_a * scale_a[..., None] + values_b * scale_b[..., None])
+
+
+def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk: int):
+    """One query token per sample against its group's prompt and its own generated slots
+    0..gen_slot. The prompt part is one product per prompt for all G samples of its group. A
+    generated buffer no longer than `chunk` slots is read whole, with one softmax over prompt and
+    generated slots (the teacher-forced forward's arithmetic); a longer one is read `chunk` slots
+    at a time, only up to gen_slot, with an online softmax: a step reads the filled cache, not the
+    whole buffer."""
+    n, k, g, h = q_NxKxGxH.shape
+    p, _, _, t = kv.prompt_k.shape
+    length = kv.gen_k.shape[-1]
+    precision = _precision(q_NxKxGxH.dtype)
+
+    def scores_of(spec, keys):
+        return jnp.einsum(spec, q, keys, preferred_element_type=jnp.float32,
+                          precision=precision) * (h**-0.5)
+
+    q = q_NxKxGxH.reshape(p, n // p, k, g, h)
+    prompt_scores_PxRxKxGxT = scores_of("prkgh,pkht->prkgt", kv.prompt_k)
+    prompt_valid = prompt_valid_PxT[:, None, None, None, :]
+    q = q_NxKxGxH
+
+    if length <= chunk:
+        scores_NxKxGxS = jnp.concatenate(
+            [prompt_scores_PxRxKxGxT.reshape(n, k, g, t), scores_of("nkgh,nkhl->nkgl", kv.gen_k)],
+            axis=-1)
+        valid_NxS = jnp.concatenate([jnp.repeat(prompt_valid_PxT, n // p, axis=0),
+                                     jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
+                                    axis=1)
+        probs = _masked_softmax(scores_NxKxGxS, valid_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
+        prompt_out = jnp.einsum("prkgt,pkth->prkgh", probs[..., :t].reshape(p, n // p, k, g, t),
+                                kv.prompt_v, preferred_element_type=jnp.float32,
+                                precision=precision)
+        gen_out = jnp.einsum("nkgl,nklh->nkgh", probs[..., t:], kv.gen_v,
+                             preferred_element_type=jnp.float32, precision=precision)
+        return (prompt_out.reshape(n, k, g, h) + gen_out).astype(q_NxKxGxH.dtype)
+
+    prompt_part = _attend_part(prompt_scores_PxRxKxGxT, prompt_valid, kv.prompt_v,
+                               "prkgt,pkth->prkgh")
+
+    def body(index, parts):
         nominal = index * chunk
-        start = jnp.minimum(nominal, s - chunk)  # the last chunk may overlap the previous one
+        start = jnp.minimum(nominal, length - chunk)  # the last chunk may overlap the previous one
+        keys_NxKxHxC = jax.lax.dynamic_slice_in_dim(kv.gen_k, start, chunk, axis=3)
+        values_NxKxCxH = jax.lax.dynamic_slice_in_dim(kv.gen_v, start, chunk, axis=2)
         slots_C = start + jnp.arange(chunk)
-        k_BxCxKxH = jax.lax.dynamic_slice_in_dim(k_BxSxKxH, start, chunk, axis=1)
-        v_BxCxKxH = jax.lax.dynamic_slice_in_dim(v_BxSxKxH, start, chunk, axis=1)
-        valid_BxC = jax.lax.dynamic_slice_in_dim(kv_valid_BxS, start, chunk, axis=1)
-        valid_BxC = valid_BxC & (slots_C >= nominal) & (slots_C <= last_slot)
-        scores_BxKxGxC = jnp.einsum("bkgh,bckh->bkgc", q_BxKxGxH, k_BxCxKxH.astype(jnp.float32),
-                                    precision=jax.lax.Precision.HIGHEST)
-        scores_BxKxGxC = jnp.where(valid_BxC[:, None, None, :], scores_BxKxGxC, neg)
-        new_max = jnp.maximum(max_BxKxG, scores_BxKxGxC.max(axis=-1))
-        correction = jnp.exp(max_BxKxG - new_max)
-        weights = jnp.where(valid_BxC[:, None, None, :],
-                            jnp.exp(scores_BxKxGxC - new_max[..., None]), 0.0)
-        acc_BxKxGxH = acc_BxKxGxH * correction[..., None] + jnp.einsum(
-            "bkgc,bckh->bkgh", weights, v_BxCxKxH.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST)
-        return new_max, sum_BxKxG * correction + weights.sum(axis=-1), acc_BxKxGxH
+        valid_C = (slots_C >= nominal) & (slots_C <= gen_slot)
+        part = _attend_part(scores_of("nkgh,nkhc->nkgc", keys_NxKxHxC), valid_C, values_NxKxCxH,
+                            "nkgc,nkch->nkgh")
+        return _merge_parts(parts, part)
 
-    init = (jnp.full((b, k, g), neg, jnp.float32), jnp.zeros((b, k, g), jnp.float32),
-            jnp.zeros((b, k, g, h), jnp.float32))
-    num_chunks = last_slot // chunk + 1
-    _, sum_BxKxG, acc_BxKxGxH = jax.lax.fori_loop(0, num_chunks, body, init)
-    out_BxKxGxH = acc_BxKxGxH / jnp.maximum(sum_BxKxG, 1e-30)[..., None]
-    return out_BxKxGxH[:, None].astype(v_BxSxKxH.dtype)
+    parts = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), prompt_part)
+    _, sum_NxKxG, values_NxKxGxH = jax.lax.fori_loop(0, gen_slot // chunk + 1, body, parts)
+    return (values_NxKxGxH / sum_NxKxG[..., None]).astype(q_NxKxGxH.dtype)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with q/k/v biases, M-RoPE, and an optional KV cache."""
+    """Grouped-query attention with q/k/v biases and M-RoPE; a full causal pass (teacher forcing,
+    prefill) or one decoding step against a KVCache."""
 
     def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
         text = config.text
@@ -540,31 +612,37 @@ class Attention(nnx.Module):
         self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
         self.decode_chunk = config.decode_chunk
 
-    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index):
+    def _project(self, x_BxTxD, cos, sin):
         b, t, _ = x_BxTxD.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q_BxTxNxH = _apply_rotary(self.q_proj(x_BxTxD).reshape(b, t, n, h), cos, sin)
+        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxH = _apply_rotary(self.k_proj(x_BxTxD).reshape(b, t, k, h), cos, sin)
         v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
-        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
-        if cache_kv is None:
-            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-            new_cache_kv = None
-        else:
-            start = (0, write_index, 0, 0)
-            k_BxSxKxH = jax.lax.dynamic_update_slice(
-                cache_kv[0], k_BxTxKxH.astype(cache_kv[0].dtype), start)
-            v_BxSxKxH = jax.lax.dynamic_update_slice(
-                cache_kv[1], v_BxTxKxH.astype(cache_kv[1].dtype), start)
-            new_cache_kv = (k_BxSxKxH, v_BxSxKxH)
-        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-        if cache_kv is not None and t == 1 and k_BxSxKxH.shape[1] > self.decode_chunk:
-            out_BxTxKxGxH = _chunked_decode_attention(
-                q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, write_index, self.decode_chunk)
-        else:
-            out_BxTxKxGxH = _dense_attention(
-                q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS, q_slot_BxT)
-        return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), new_cache_kv
+        return q_BxTxNxH.reshape(b, t, k, n // k, h), k_BxTxKxH, v_BxTxKxH
+
+    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxT):
+        """Causal self-attention over the T inputs; also returns their (k, v) for a cache."""
+        b, t, _ = x_BxTxD.shape
+        q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH = self._project(x_BxTxD, cos, sin)
+        out = _dense_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, kv_valid_BxT)
+        return self.o_proj(out.reshape(b, t, -1)), (k_BxTxKxH, v_BxTxKxH)
+
+    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, prompt_valid_PxT, gen_slot):
+        """One token per sample: write its (k, v) at gen_slot, attend, return the new cache."""
+        n = x_Nx1xD.shape[0]
+        q_Nx1xKxGxH, k_Nx1xKxH, v_Nx1xKxH = self._project(x_Nx1xD, cos, sin)
+        kv = kv.replace(
+            gen_k=jax.lax.dynamic_update_slice(
+                kv.gen_k, k_Nx1xKxH.transpose(0, 2, 3, 1).astype(kv.gen_k.dtype),
+                (0, 0, 0, gen_slot)),
+            gen_v=jax.lax.dynamic_update_slice(
+                kv.gen_v, v_Nx1xKxH.transpose(0, 2, 1, 3).astype(kv.gen_v.dtype),
+                (0, 0, gen_slot, 0)),
+        )
+        out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, prompt_valid_PxT, gen_slot,
+                                        self.decode_chunk)
+        return self.o_proj(out_NxKxGxH.reshape(n, 1, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -578,18 +656,23 @@ class DecoderLayer(nnx.Module):
             use_bias=False, config=config, rngs=rngs,
         )
 
-    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index):
-        attn_out, new_cache_kv = self.self_attn(
-            self.input_layernorm(x_BxTxD), cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv,
-            write_index,
-        )
+    def _finish(self, x_BxTxD, attn_out):
         x_BxTxD = x_BxTxD + attn_out
         x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
-        return constrain(x_BxTxD, ("batch", "length", "act_embed")), new_cache_kv
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+    def __call__(self, x_BxTxD, cos, sin, kv_valid_BxT):
+        attn_out, kv = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, kv_valid_BxT)
+        return self._finish(x_BxTxD, attn_out), kv
+
+    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, prompt_valid_PxT, gen_slot):
+        attn_out, kv = self.self_attn.step(self.input_layernorm(x_Nx1xD), cos, sin, kv,
+                                           prompt_valid_PxT, gen_slot)
+        return self._finish(x_Nx1xD, attn_out), kv
 
 
-def _apply_layer(layer, x, cos, sin, kv_valid, q_slot, cache_kv, write_index):
-    return layer(x, cos, sin, kv_valid, q_slot, cache_kv, write_index)
+def _apply_layer(layer, x, cos, sin, kv_valid):
+    return layer(x, cos, sin, kv_valid)
 
 
 class Qwen25VL(nnx.Module):
@@ -631,30 +714,32 @@ class Qwen25VL(nnx.Module):
                                 x_BxTxD)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
-    def decode(self, x_BxTxD, positions_3xBxT, kv_valid_BxS, cache: KVCache | None = None,
-               write_index=0):
-        """Decoder stack. Without a cache, keys are the T inputs themselves (S == T)."""
+    def decode(self, x_BxTxD, positions_3xBxT, kv_valid_BxT):
+        """Decoder stack over T tokens, causal (teacher forcing, or a prefill). Returns the final
+        hidden states and each layer's (k, v) [B, T, K, H] for `KVCache.from_prompt`."""
+        cos, sin = self._rotary(positions_3xBxT)
+        layer_fn = _apply_layer
+        if self.config.remat != "none":
+            layer_fn = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.config.remat])
+        kvs = []
+        for layer in self.layers:
+            x_BxTxD, kv = layer_fn(layer, x_BxTxD, cos, sin, kv_valid_BxT)
+            kvs.append(kv)
+        return self.norm(x_BxTxD), tuple(kvs)
+
+    def decode_step(self, x_Nx1xD, positions_3xNx1, cache: KVCache, gen_slot):
+        """One token per sample against the cache, written at generated slot `gen_slot`."""
+        cos, sin = self._rotary(positions_3xNx1)
+        layers = []
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, cache.prompt_valid_PxT, gen_slot)
+            layers.append(kv)
+        return self.norm(x_Nx1xD), cache.replace(layers=tuple(layers))
+
+    def _rotary(self, positions_3xBxT):
         text = self.config.text
         inv_freq = _inverse_frequencies(text.rope_theta, text.head_dim)
-        cos, sin = mrope_cos_sin(positions_3xBxT, inv_freq, text.mrope_section)
-        b, t, _ = x_BxTxD.shape
-        q_slot_BxT = jnp.broadcast_to(write_index + jnp.arange(t), (b, t))
-        layer_fn = _apply_layer
-        policy = REMAT_POLICIES[self.config.remat]
-        if self.config.remat != "none":
-            layer_fn = nnx.remat(_apply_layer, policy=policy)
-        new_k, new_v = [], []
-        for index, layer in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.k[index], cache.v[index])
-            x_BxTxD, layer_cache = layer_fn(
-                layer, x_BxTxD, cos, sin, kv_valid_BxS, q_slot_BxT, cache_kv, write_index
-            )
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-        hidden_BxTxD = self.norm(x_BxTxD)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-        return hidden_BxTxD, new_cache
+        return mrope_cos_sin(positions_3xBxT, inv_freq, text.mrope_section)
 
     def logits(self, hidden_BxTxD):
         if self.lm_head is not None:
