@@ -18,14 +18,16 @@ generates one token (vision + prefill + first token) is subtracted, for both fra
 timing is the median of `--repeats` runs after a warm-up; compile_s is an ahead-of-time
 lower + compile of the sampler's program, timed on its own.
 
-Roofline: a decoding step must read every language-model weight once (the embedding table only
-for the rows it gathers) plus the keys and values of the tokens each sample attends to (prompt +
-generated so far; averaged over the steps). bytes per step / measured step time / measured memory
-bandwidth (the best of NumPy sum on 1 and 2 threads, NumPy copy and an XLA sum over 512 MB,
-medians of 5) is the fraction of this machine's roofline the decoding loop reaches. GFLOP/s
-counts 2 x (weights multiplied per token, i.e. not the embedding lookup) x rows per step, so at
-large P*G, where decoding is compute-bound, it is the figure to compare with the CPU's peak. A
-report, not a test; the last line is one JSON object.
+Roofline: a decoding step must read every language-model weight once (the embedding table only for
+the rows it gathers), the keys and values of each prompt once (its G samples share them) and those
+of each sample's generated tokens so far (averaged over the steps). bytes per step / measured step
+time / measured memory bandwidth (the best of NumPy sum on 1 and 2 threads, NumPy copy and an XLA
+sum over 512 MB, medians of 5) is the fraction of this machine's roofline the decoding loop reaches.
+GFLOP/s counts 2 x (weights multiplied per token, i.e. not the embedding lookup) x rows per step, so
+at large P*G, where decoding is compute-bound, it is the figure to compare with the CPU's peak.
+matmul_floor_ms times the step's matrix products alone (same weights, P*G rows, one jitted chain):
+matmul_fraction = floor / step time is how close a step comes to the compute ceiling. A report,
+not a test; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> dict[str, f
 
 def decode_bytes_per_step(model, prompt_tokens: list[int], group: int, new_tokens: int) -> float:
     """Bytes a decoding step must read: weights once (embedding rows only for the tokens it
-    embeds, unless tied) and the K/V of every attended token, averaged over the steps."""
+    embeds, unless tied), each prompt's K/V once for its group, and each sample's generated K/V,
+    averaged over the steps."""
     config = model.config
     text = config.text
     params = nnx.state(model, nnx.Param)
@@ -127,8 +130,33 @@ def decode_bytes_per_step(model, prompt_tokens: list[int], group: int, new_token
     itemsize = jnp.dtype(config.compute_dtype).itemsize
     weight_bytes += n * text.hidden_size * itemsize  # the gathered embedding rows
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * itemsize
-    mean_attended = np.mean(prompt_tokens) + new_tokens / 2
-    return weight_bytes + n * mean_attended * kv_per_token
+    prompt_kv = sum(prompt_tokens) * kv_per_token
+    return weight_bytes + prompt_kv + n * (new_tokens / 2) * kv_per_token
+
+
+def matmul_floor_s(model, rows: int, repeats: int, loops: int = 10) -> float:
+    """Seconds per step of the decoding step's matrix products alone (every language-model
+    projection, MLP and output-layer product at `rows` rows, chained as in a step, jitted): the
+    compute ceiling a decoding step can reach on this machine with these weights."""
+    kernels = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+               if path[0] != "visual" and path[-1] == "kernel"]
+    if model.config.tie_word_embeddings:
+        kernels.append(model.embed_tokens.get_value().T)
+    highest = jax.lax.Precision.HIGHEST
+
+    def chain(_, carry):
+        acts = {kernels[0].shape[0]: jnp.full((rows, kernels[0].shape[0]), 1e-3) + carry}
+        total = 0.0
+        for kernel in kernels:
+            d_in, d_out = kernel.shape
+            x = acts.get(d_in, jnp.full((rows, d_in), 1e-3) + carry)
+            acts[d_out] = jnp.dot(x, kernel, precision=highest)
+            total = total + acts[d_out][0, 0]
+        return carry + total * 1e-9
+
+    program = jax.jit(lambda: jax.lax.fori_loop(0, loops, chain, jnp.float32(0)))
+    program().block_until_ready()
+    return median_s(lambda: program().block_until_ready(), repeats) / loops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +271,7 @@ def run_case(bench: Bench, p: int, g: int, with_image: bool) -> dict:
     hf_step_s = (t["hf_full"] - t["hf_first"]) / (new - 1)
     bytes_per_step = decode_bytes_per_step(bench.model, [len(e.input_ids) for e in encoded], g,
                                            new)
+    matmul_s = matmul_floor_s(bench.model, n, bench.repeats)
     return {
         "case": f"{p}x{g}{'+image' if with_image else ''}",
         "ours_decode_tok_s": round(n / step_s, 1),
@@ -257,6 +286,8 @@ def run_case(bench: Bench, p: int, g: int, with_image: bool) -> dict:
         "hf_ms_per_step": round(hf_step_s * 1e3, 2),
         "bytes_per_step_MB": round(bytes_per_step / 1e6, 1),
         "roofline_fraction": round(bytes_per_step / step_s / 1e9 / bench.bandwidth_gbps, 3),
+        "matmul_floor_ms": round(matmul_s * 1e3, 2),
+        "matmul_fraction": round(matmul_s / step_s, 3),
         "gflops": round(2 * bench.matmul_params * n / step_s / 1e9, 1),
     }
 
@@ -299,7 +330,8 @@ def main() -> None:
     if not args.no_image:
         cases.append(("4x8", True))
     print(f"{'case':<10} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'ours e2e':>9} "
-          f"{'hf e2e':>8} {'compile s':>9} {'ms/step':>8} {'roofline':>8} {'GFLOP/s':>8}")
+          f"{'hf e2e':>8} {'compile s':>9} {'ms/step':>8} {'roofline':>8} {'GFLOP/s':>8} "
+          f"{'matmul ms':>9} {'matmul frac':>11}")
     results = []
     for shape, with_image in cases:
         p, g = (int(x) for x in shape.split("x"))
@@ -308,7 +340,7 @@ def main() -> None:
         print(f"{r['case']:<10} {r['ours_decode_tok_s']:>10} {r['hf_decode_tok_s']:>9} "
               f"{r['ratio']:>6} {r['ours_e2e_tok_s']:>9} {r['hf_e2e_tok_s']:>8} "
               f"{r['compile_s']:>9} {r['ours_ms_per_step']:>8} {r['roofline_fraction']:>8} "
-              f"{r['gflops']:>8}", flush=True)
+              f"{r['gflops']:>8} {r['matmul_floor_ms']:>9} {r['matmul_fraction']:>11}", flush=True)
     print(json.dumps({"benchmark": "sampler", "backend": jax.default_backend(),
                       "torch_threads": args.threads, "repeats": args.repeats,
                       "new_tokens": args.new_tokens, "lm_params_M": round(lm_params / 1e6, 1),
