@@ -246,10 +246,9 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
 
     def step_fn(state: _DecodeState):
         x_Nx1xD = model.embed(state.last_token_N[:, None])
-        positions_3xNx1 = jnp.broadcast_to(
-            (next_position_N + state.step - 1)[None, :, None], (3, n, 1))
         # The token fed at step i was generated at step i - 1: it goes to generated slot i - 1.
-        hidden, cache = model.decode_step(x_Nx1xD, positions_3xNx1, state.cache, state.step - 1)
+        hidden, cache = model.decode_step(x_Nx1xD, next_position_N + state.step - 1, state.cache,
+                                          state.step - 1)
         token_N, logp_N = pick(model.logits(hidden)[:, 0], state.step)
         live_N = ~state.done_N
         token_N = jnp.where(live_N, token_N, 0)

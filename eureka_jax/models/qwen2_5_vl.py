@@ -727,9 +727,17 @@ class Qwen25VL(nnx.Module):
             kvs.append(kv)
         return self.norm(x_BxTxD), tuple(kvs)
 
-    def decode_step(self, x_Nx1xD, positions_3xNx1, cache: KVCache, gen_slot):
-        """One token per sample against the cache, written at generated slot `gen_slot`."""
-        cos, sin = self._rotary(positions_3xNx1)
+    def decode_step(self, x_Nx1xD, position_N, cache: KVCache, gen_slot):
+        """One generated (text) token per sample at `position_N`, against the cache; written at
+        generated slot `gen_slot`."""
+        # A text token's three M-RoPE components are equal, and a decoding position is below
+        # prompt length + generated slots: the rotary angles come from a table over those
+        # positions, which does not depend on the step (XLA computes it once, not per step,
+        # layer and head as it does when cos/sin are fused into each consumer).
+        limit = cache.prompt_valid_PxT.shape[1] + cache.layers[0].gen_k.shape[-1]
+        cos_1xSxH, sin_1xSxH = self._rotary(jnp.broadcast_to(jnp.arange(limit), (3, 1, limit)))
+        index_Nx1 = jnp.clip(position_N, 0, limit - 1)[:, None]
+        cos, sin = cos_1xSxH[0][index_Nx1], sin_1xSxH[0][index_Nx1]
         layers = []
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, cache.prompt_valid_PxT, gen_slot)
