@@ -151,6 +151,24 @@ def test_time_limit_interrupts_python_code():
     assert time.perf_counter() - start < 1.0
 
 
+def test_time_limit_survives_a_swallowed_alarm():
+    """Python drops an exception raised inside a finaliser; the alarm repeats until the body
+    stops (regex objects finalised during scoring once swallowed a limit for 3.7 s)."""
+
+    class Finalised:
+        def __del__(self):
+            deadline = time.perf_counter() + 0.4  # the limit expires in here and is dropped
+            while time.perf_counter() < deadline:
+                pass
+
+    start = time.perf_counter()
+    with pytest.raises(ItemTimeout), time_limit(0.2):
+        Finalised()  # finalised at once: the first alarm goes off inside __del__
+        while time.perf_counter() - start < 3.0:  # a lost alarm: DID NOT RAISE after 3 s
+            pass
+    assert time.perf_counter() - start < 1.0
+
+
 def test_slow_item_times_out_in_process():
     config = RewardConfig(num_workers=0, timeout_s=0.5)
     start = time.perf_counter()

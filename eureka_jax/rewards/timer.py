@@ -19,6 +19,13 @@ class ItemTimeout(BaseException):
     `except Exception` blocks in math-verify and sympy do not swallow it."""
 
 
+# After the limit the alarm repeats at this interval until the body has left: Python drops an
+# exception raised while a finaliser (__del__, a weakref callback) runs, and regex and sympy
+# objects are finalised all the time, so a single alarm can be lost (seen: a 0.5 s limit that let
+# an item run for 3.7 s).
+_REPEAT_S = 0.05
+
+
 def _raise_timeout(signum, frame):
     raise ItemTimeout
 
@@ -30,11 +37,17 @@ def time_limit(seconds: float) -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_S)
     try:
         yield
     finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:
-            signal.signal(signal.SIGALRM, previous)
+        # A repeat may land here, before the timer is off: disarm until it is, so that neither
+        # this block nor the caller's handler is interrupted, and the previous handler (by
+        # default: terminate the process) never sees a pending alarm.
+        while True:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except ItemTimeout:
+                continue
+        signal.signal(signal.SIGALRM, previous)
