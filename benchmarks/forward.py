@@ -28,17 +28,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import TEXT_512, VISION_DEPTH_4
 from flax import nnx
 
 from eureka_jax import hf_io, testing, verify
 from eureka_jax.processing import QwenVLProcessor
-
-TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, vocab_size=32000,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": [8, 12, 12]})
-VISION = dict(hidden_size=256, intermediate_size=768, depth=4, num_heads=4, window_size=112,
-              fullatt_block_indexes=[1, 3])
 
 
 def interleaved_medians_ms(calls: dict, repeats: int) -> dict[str, float]:
@@ -81,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench_forward_"))
     model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
-                                          text_config=TEXT, vision_config=VISION)
+                                          text_config=TEXT_512, vision_config=VISION_DEPTH_4)
     model = hf_io.load_model(model_dir)
     reference = verify.load_reference(model_dir)
     image_token_id = model.config.image_token_id

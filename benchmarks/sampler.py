@@ -44,6 +44,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import hf_prompt_inputs
 from flax import nnx
 
 from eureka_jax import hf_io, testing
@@ -166,22 +167,8 @@ def matmul_floor_s(model, rows: int, repeats: int, loops: int = 10) -> float:
 
 def torch_inputs(encoded, pad_token_id: int, image_token_id: int) -> dict:
     """Left-padded batch, as transformers expects for generation."""
-    import torch
-
     length = max(len(e.input_ids) for e in encoded)
-    ids = np.full((len(encoded), length), pad_token_id, np.int64)
-    mask = np.zeros_like(ids)
-    for row, e in enumerate(encoded):
-        ids[row, length - len(e.input_ids):] = e.input_ids
-        mask[row, length - len(e.input_ids):] = 1
-    inputs = {"input_ids": torch.as_tensor(ids), "attention_mask": torch.as_tensor(mask),
-              "mm_token_type_ids": torch.as_tensor((ids == image_token_id).astype(np.int64))}
-    if any(e.patches for e in encoded):
-        inputs["pixel_values"] = torch.as_tensor(
-            np.concatenate([p for e in encoded for p in e.patches]))
-        inputs["image_grid_thw"] = torch.as_tensor(
-            np.concatenate([e.image_grid_thw for e in encoded]).astype(np.int64))
-    return inputs
+    return hf_prompt_inputs(encoded, length, pad_token_id, image_token_id)
 
 
 def run_torch(reference, inputs: dict, group: int, new_tokens: int, pad_token_id: int):

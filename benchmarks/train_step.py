@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from bench_common import TEXT_512, VISION_DEPTH_4, hf_prompt_inputs
 from flax import nnx
 
 from eureka_jax import batching, hf_io, testing
@@ -82,12 +83,6 @@ from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import ScoredGroup, collate_groups
 from eureka_jax.train import make_optimizer, make_update_step
 
-TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, vocab_size=32000,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": [8, 12, 12]})
-VISION = dict(hidden_size=256, intermediate_size=768, depth=4, num_heads=4, window_size=112,
-              fullatt_block_indexes=[1, 3])
 BATCH, PROMPT, RESPONSE, IMAGE_PX = 8, 128, 128, 224
 WORDS = ("triangle", "area", "base", "height", "circle", "radius", "sum", "angle", "number",
          "square", "length", "width", "total", "value", "equation", "fraction")
@@ -203,24 +198,9 @@ def with_old_logprobs(batch: batching.TrainBatch, logp_BxL: np.ndarray, seed: in
 
 def torch_inputs(prompts, batch: batching.TrainBatch, pad_token_id: int, image_token_id: int):
     """The same sequences for transformers: prompts left-padded to PROMPT, then the response."""
-    import torch
-
-    ids = np.full((BATCH, PROMPT), pad_token_id, np.int64)
-    mask = np.zeros((BATCH, PROMPT), np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, PROMPT - len(p.input_ids):] = p.input_ids
-        mask[row, PROMPT - len(p.input_ids):] = 1
-    ids = np.concatenate([ids, np.asarray(batch.response_tokens_BxL, np.int64)], axis=1)
-    mask = np.concatenate([mask, np.asarray(batch.response_mask_BxL, np.int64)], axis=1)
-    inputs = {"input_ids": torch.as_tensor(ids), "attention_mask": torch.as_tensor(mask),
-              "mm_token_type_ids": torch.as_tensor((ids == image_token_id).astype(np.int64)),
-              "use_cache": False, "logits_to_keep": RESPONSE + 1}
-    if any(p.patches for p in prompts):
-        inputs["pixel_values"] = torch.as_tensor(
-            np.concatenate([x for p in prompts for x in p.patches]))
-        inputs["image_grid_thw"] = torch.as_tensor(
-            np.concatenate([p.image_grid_thw for p in prompts]).astype(np.int64))
-    return inputs
+    inputs = hf_prompt_inputs(prompts, PROMPT, pad_token_id, image_token_id,
+                              batch.response_tokens_BxL, batch.response_mask_BxL)
+    return {**inputs, "use_cache": False, "logits_to_keep": RESPONSE + 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +366,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
-                                          text_config=TEXT, vision_config=VISION)
+                                          text_config=TEXT_512, vision_config=VISION_DEPTH_4)
     processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=IMAGE_PX * IMAGE_PX,
                                                 max_pixels=IMAGE_PX * IMAGE_PX)
     vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]

@@ -219,6 +219,8 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
                                            batch.attention_mask_BxT.astype(bool))
     cache = KVCache.from_prompt(prompt_kv, batch.attention_mask_BxT, group, max_new)
     first_logits_BxV = model.logits(hidden_BxTxD[:, -1:])[:, 0]
+    # A decoding position is below prompt bucket + max_new (image positions are compressed).
+    rotary_table = model.text_rotary_table(batch.input_ids_BxT.shape[1] + max_new)
 
     def repeat(x):
         return jnp.repeat(x, group, axis=0)
@@ -248,7 +250,7 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
         x_Nx1xD = model.embed(state.last_token_N[:, None])
         # The token fed at step i was generated at step i - 1: it goes to generated slot i - 1.
         hidden, cache = model.decode_step(x_Nx1xD, next_position_N + state.step - 1, state.cache,
-                                          state.step - 1)
+                                          state.step - 1, rotary_table)
         token_N, logp_N = pick(model.logits(hidden)[:, 0], state.step)
         live_N = ~state.done_N
         token_N = jnp.where(live_N, token_N, 0)

@@ -273,13 +273,12 @@ class KVCache:
         layers = []
         for k_PxTxKxH, v_PxTxKxH in prompt_kv:
             p, _, k, h = k_PxTxKxH.shape
-            gen_shape = (p * group, k, max_new, h)
+            n = p * group
             layers.append(LayerKV(
                 prompt_k=constrain(k_PxTxKxH.transpose(0, 2, 3, 1), CACHE_K_AXES),
                 prompt_v=constrain(v_PxTxKxH.transpose(0, 2, 1, 3), CACHE_V_AXES),
-                gen_k=constrain(jnp.zeros(gen_shape, k_PxTxKxH.dtype).transpose(0, 1, 3, 2),
-                                CACHE_K_AXES),
-                gen_v=constrain(jnp.zeros(gen_shape, v_PxTxKxH.dtype), CACHE_V_AXES),
+                gen_k=constrain(jnp.zeros((n, k, h, max_new), k_PxTxKxH.dtype), CACHE_K_AXES),
+                gen_v=constrain(jnp.zeros((n, k, max_new, h), v_PxTxKxH.dtype), CACHE_V_AXES),
             ))
         return cls(layers=tuple(layers), prompt_valid_PxT=prompt_valid_PxT.astype(bool))
 
@@ -552,19 +551,16 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk:
     length = kv.gen_k.shape[-1]
     precision = _precision(q_NxKxGxH.dtype)
 
-    def scores_of(spec, keys):
-        return jnp.einsum(spec, q, keys, preferred_element_type=jnp.float32,
+    def scores_of(spec, query, keys):
+        return jnp.einsum(spec, query, keys, preferred_element_type=jnp.float32,
                           precision=precision) * (h**-0.5)
 
-    q = q_NxKxGxH.reshape(p, n // p, k, g, h)
-    prompt_scores_PxRxKxGxT = scores_of("prkgh,pkht->prkgt", kv.prompt_k)
-    prompt_valid = prompt_valid_PxT[:, None, None, None, :]
-    q = q_NxKxGxH
-
+    prompt_scores_PxRxKxGxT = scores_of("prkgh,pkht->prkgt",
+                                        q_NxKxGxH.reshape(p, n // p, k, g, h), kv.prompt_k)
     if length <= chunk:
         scores_NxKxGxS = jnp.concatenate(
-            [prompt_scores_PxRxKxGxT.reshape(n, k, g, t), scores_of("nkgh,nkhl->nkgl", kv.gen_k)],
-            axis=-1)
+            [prompt_scores_PxRxKxGxT.reshape(n, k, g, t),
+             scores_of("nkgh,nkhl->nkgl", q_NxKxGxH, kv.gen_k)], axis=-1)
         valid_NxS = jnp.concatenate([jnp.repeat(prompt_valid_PxT, n // p, axis=0),
                                      jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
                                     axis=1)
@@ -576,8 +572,8 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk:
                              preferred_element_type=jnp.float32, precision=precision)
         return (prompt_out.reshape(n, k, g, h) + gen_out).astype(q_NxKxGxH.dtype)
 
-    prompt_part = _attend_part(prompt_scores_PxRxKxGxT, prompt_valid, kv.prompt_v,
-                               "prkgt,pkth->prkgh")
+    prompt_part = _attend_part(prompt_scores_PxRxKxGxT, prompt_valid_PxT[:, None, None, None, :],
+                               kv.prompt_v, "prkgt,pkth->prkgh")
 
     def body(index, parts):
         nominal = index * chunk
@@ -586,8 +582,8 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk:
         values_NxKxCxH = jax.lax.dynamic_slice_in_dim(kv.gen_v, start, chunk, axis=2)
         slots_C = start + jnp.arange(chunk)
         valid_C = (slots_C >= nominal) & (slots_C <= gen_slot)
-        part = _attend_part(scores_of("nkgh,nkhc->nkgc", keys_NxKxHxC), valid_C, values_NxKxCxH,
-                            "nkgc,nkch->nkgh")
+        part = _attend_part(scores_of("nkgh,nkhc->nkgc", q_NxKxGxH, keys_NxKxHxC), valid_C,
+                            values_NxKxCxH, "nkgc,nkch->nkgh")
         return _merge_parts(parts, part)
 
     parts = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), prompt_part)
@@ -727,17 +723,19 @@ class Qwen25VL(nnx.Module):
             kvs.append(kv)
         return self.norm(x_BxTxD), tuple(kvs)
 
-    def decode_step(self, x_Nx1xD, position_N, cache: KVCache, gen_slot):
-        """One generated (text) token per sample at `position_N`, against the cache; written at
-        generated slot `gen_slot`."""
-        # A text token's three M-RoPE components are equal, and a decoding position is below
-        # prompt length + generated slots: the rotary angles come from a table over those
-        # positions, which does not depend on the step (XLA computes it once, not per step,
-        # layer and head as it does when cos/sin are fused into each consumer).
-        limit = cache.prompt_valid_PxT.shape[1] + cache.layers[0].gen_k.shape[-1]
-        cos_1xSxH, sin_1xSxH = self._rotary(jnp.broadcast_to(jnp.arange(limit), (3, 1, limit)))
-        index_Nx1 = jnp.clip(position_N, 0, limit - 1)[:, None]
-        cos, sin = cos_1xSxH[0][index_Nx1], sin_1xSxH[0][index_Nx1]
+    def text_rotary_table(self, length: int):
+        """cos, sin [S, H] of text positions 0..length-1 (a text token's three M-RoPE components
+        are equal). Decoding looks its angles up here: computed inside the step, XLA fuses cos/sin
+        into every layer's and head's rotary and recomputes them there."""
+        cos_1xSxH, sin_1xSxH = self._rotary(jnp.broadcast_to(jnp.arange(length), (3, 1, length)))
+        return cos_1xSxH[0], sin_1xSxH[0]
+
+    def decode_step(self, x_Nx1xD, position_N, cache: KVCache, gen_slot, rotary_table):
+        """One generated (text) token per sample at `position_N` (below the length of
+        `rotary_table`, from `text_rotary_table`), against the cache; written at generated slot
+        `gen_slot`."""
+        cos_SxH, sin_SxH = rotary_table
+        cos, sin = cos_SxH[position_N[:, None]], sin_SxH[position_N[:, None]]
         layers = []
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, cache.prompt_valid_PxT, gen_slot)
