@@ -15,9 +15,10 @@ fold_in(fold_in(fold_in(seed, prompt_key), g), i). `prompt_key` is supplied per 
 caller (a dataset index, say), so a sample does not depend on which batch, row or mesh it ran in.
 
 Reads per decoding step: all parameters once, each prompt's K/V once for its whole group (one
-product for the G samples), and each sample's generated K/V up to the last written slot (model
-config `decode_chunk` slots at a time, online softmax; a buffer no longer than one chunk is read
-whole).
+product for the G samples), and each sample's generated K/V buffer. That buffer grows in
+`cache_phases` steps (one while_loop per phase, each compiled for its buffer length), so a step
+reads at most one phase's worth of empty slots: over a full run, about (1 + 1/phases) / 2 of
+what a buffer sized for max_new_tokens from the start would cost.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 disables nucleus sampling
     greedy: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # The generated-token KV buffer grows this many times (see the module docstring). More
+    # phases read fewer empty slots but compile the decoding step once per phase, and each
+    # growth briefly holds the old and the new buffer; 1 = one buffer sized for max_new_tokens.
+    cache_phases: int = 4
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -58,6 +63,14 @@ class SamplingConfig:
             raise InputError(f"sampling.top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise InputError(f"sampling.top_k must be >= 0 (got {self.top_k})")
+        if self.cache_phases < 1:
+            raise InputError(f"sampling.cache_phases must be >= 1 (got {self.cache_phases})")
+
+    def phase_ends(self) -> tuple[int, ...]:
+        """The decoding step at which each phase ends, which is also its buffer length (the
+        token fed at step i goes to slot i - 1): max_new_tokens split into near-equal parts."""
+        phases = min(self.cache_phases, self.max_new_tokens)
+        return tuple(sorted({-(-self.max_new_tokens * (i + 1) // phases) for i in range(phases)}))
 
 
 @struct.dataclass
@@ -217,7 +230,8 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
     x_BxTxD = model.embed(batch.input_ids_BxT, features, batch.token_source_BxT)
     hidden_BxTxD, prompt_kv = model.decode(x_BxTxD, batch.positions_3xBxT,
                                            batch.attention_mask_BxT.astype(bool))
-    cache = KVCache.from_prompt(prompt_kv, batch.attention_mask_BxT, group, max_new)
+    phase_ends = config.phase_ends()
+    cache = KVCache.from_prompt(prompt_kv, batch.attention_mask_BxT, group, phase_ends[0])
     first_logits_BxV = model.logits(hidden_BxTxD[:, -1:])[:, 0]
     # A decoding position is below prompt bucket + max_new (image positions are compressed).
     rotary_table = model.text_rotary_table(batch.input_ids_BxT.shape[1] + max_new)
@@ -243,8 +257,8 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
         cache=cache,
     )
 
-    def keep_going(state: _DecodeState):
-        return (state.step < max_new) & ~jnp.all(state.done_N)
+    def keep_going_until(end):
+        return lambda state: (state.step < end) & ~jnp.all(state.done_N)
 
     def step_fn(state: _DecodeState):
         x_Nx1xD = model.embed(state.last_token_N[:, None])
@@ -266,7 +280,9 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
             cache=cache,
         )
 
-    state = jax.lax.while_loop(keep_going, step_fn, state)
+    for end in phase_ends:
+        state = state.replace(cache=state.cache.grow(end))
+        state = jax.lax.while_loop(keep_going_until(end), step_fn, state)
     is_stop_NxL = jnp.isin(state.tokens_NxL, stop_ids)
     # Length = index of the first stop token + 1, or everything generated.
     first_stop_N = jnp.argmax(is_stop_NxL, axis=-1)

@@ -7,6 +7,8 @@ distinct (SamplingConfig, shape bucket) compiles once, so tests share samplers w
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from scipy import stats
 from eureka_jax import hf_io, sharding, testing
 from eureka_jax.batching import Buckets, collate_prompts, prompt_row, response_logprobs
 from eureka_jax.errors import InputError
+from eureka_jax.models.qwen2_5_vl import KVCache, LayerKV
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rollout import rollout_train_batch
 from eureka_jax.sampler import (
@@ -155,24 +158,53 @@ def test_greedy_matches_transformers(names, model, params, processor, prompts, h
     assert (out.lengths_N == max_new).all() and (out.finish_N == FINISH_LENGTH).all()
 
 
-@pytest.mark.parametrize("chunk", [5, 8])
-def test_chunked_reads_of_generated_slots(chunk, model_dir, params, processor, prompts, hf_model,
+@pytest.mark.parametrize("phases", [1, 5, GREEDY_TOKENS])
+def test_generated_buffer_grows_in_phases(phases, params, processor, prompts, hf_model,
                                           greedy_sampler):
-    """A generated buffer longer than decode_chunk is read chunk by chunk, only up to the last
-    written slot, with an online softmax (chunks of 5 over 12 slots: 0-4, 5-9, then 7-11 masked
-    to 10-11; of 8: 0-7, then 4-11 masked to 8-11). Same tokens as transformers, and the same
-    log-probs as the one-softmax path."""
-    chunked = hf_io.load_model(model_dir, decode_chunk=chunk)
-    sampler = Sampler.for_model(chunked, greedy_sampler.config)
+    """However many times the generated-token buffer grows (1: one buffer for all 12 tokens; 5:
+    buffers of 3, 5, 8, 10, 12 slots; 12: one slot more each step), the tokens are
+    transformers' and the log-probs those of the default (4-phase) sampler, up to float32
+    rounding (the products have other lengths)."""
+    config = dataclasses.replace(greedy_sampler.config, cache_phases=phases)
+    assert len(config.phase_ends()) == phases and config.phase_ends()[-1] == GREEDY_TOKENS
+    sampler = Sampler(greedy_sampler.graphdef, config)
     names = ("image_small", "text_long")
-    batch = make_batch(chunked, processor, [prompts[n] for n in names])
-    out = sample(sampler, nnx.state(chunked), batch)
+    model = nnx.merge(greedy_sampler.graphdef, params)
+    batch = make_batch(model, processor, [prompts[n] for n in names])
+    out = sample(sampler, params, batch)
     for row, name in enumerate(names):
-        expected, _ = hf_greedy(hf_model, prompts[name], chunked.config.image_token_id,
+        expected, _ = hf_greedy(hf_model, prompts[name], model.config.image_token_id,
                                 GREEDY_TOKENS)
         np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
-    whole = sample(greedy_sampler, params, batch)
-    np.testing.assert_allclose(out.logprobs_NxL, whole.logprobs_NxL, rtol=0, atol=1e-5)
+    default = sample(greedy_sampler, params, batch)
+    np.testing.assert_allclose(out.logprobs_NxL, default.logprobs_NxL, rtol=0, atol=1e-5)
+
+
+def test_early_stop_skips_the_later_phases(params, processor, prompts, greedy_sampler):
+    """Every sample stops in the first phase: the later phases' loops run no step."""
+    model = nnx.merge(greedy_sampler.graphdef, params)
+    batch = make_batch(model, processor, [prompts["text_short"]])
+    first = int(sample(greedy_sampler, params, batch).tokens_NxL[0, 1])
+    config = dataclasses.replace(greedy_sampler.config, stop_token_ids=(first,))
+    out = sample(Sampler(greedy_sampler.graphdef, config), params, batch)
+    stop_at = int(np.argmax(np.asarray(out.tokens_NxL[0]) == first))
+    assert stop_at <= 1 and int(out.num_steps) == stop_at + 1 <= config.phase_ends()[0]
+    assert int(out.lengths_N[0]) == stop_at + 1 and int(out.finish_N[0]) == FINISH_STOP
+
+
+def test_cache_grow_keeps_the_filled_slots():
+    layer = LayerKV(prompt_k=jnp.ones((1, 1, 2, 3)), prompt_v=jnp.ones((1, 1, 3, 2)),
+                    gen_k=jnp.arange(8.0).reshape(2, 1, 2, 2),
+                    gen_v=jnp.arange(8.0).reshape(2, 1, 2, 2) + 10)
+    cache = KVCache(layers=(layer,), prompt_valid_PxT=jnp.ones((1, 3), bool))
+    grown = cache.grow(5)
+    assert grown.gen_length == 5 and grown.layers[0].gen_v.shape == (2, 1, 5, 2)
+    np.testing.assert_array_equal(grown.layers[0].gen_k[..., :2], layer.gen_k)
+    np.testing.assert_array_equal(grown.layers[0].gen_v[:, :, :2], layer.gen_v)
+    assert not grown.layers[0].gen_k[..., 2:].any() and not grown.layers[0].gen_v[:, :, 2:].any()
+    assert cache.grow(2) is cache
+    with pytest.raises(ValueError, match="shrink"):
+        cache.grow(1)
 
 
 # ---------------------------------------------------------------------------------------------

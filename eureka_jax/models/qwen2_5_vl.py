@@ -115,9 +115,6 @@ class Qwen25VLConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
     freeze_vision: bool = False  # stop gradients at the vision tower's output
-    # Decoding reads the generated part of the KV cache in chunks of this many slots, up to
-    # the last written one (a buffer no longer than one chunk is read whole).
-    decode_chunk: int = 256
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype"):
@@ -281,6 +278,28 @@ class KVCache:
                 gen_v=constrain(jnp.zeros((n, k, max_new, h), v_PxTxKxH.dtype), CACHE_V_AXES),
             ))
         return cls(layers=tuple(layers), prompt_valid_PxT=prompt_valid_PxT.astype(bool))
+
+    @property
+    def gen_length(self) -> int:
+        return self.layers[0].gen_k.shape[-1]
+
+    def grow(self, length: int) -> KVCache:
+        """The same cache with room for `length` generated tokens (the new slots zero). A copy:
+        until it completes, the old and the new generated buffers are both in memory."""
+        extra = length - self.gen_length
+        if extra < 0:
+            raise ValueError(f"cannot shrink the generated buffer ({self.gen_length} -> {length})")
+        if extra == 0:
+            return self
+
+        def pad(x, axis, axes):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, extra)
+            return constrain(jnp.pad(x, widths), axes)
+
+        return self.replace(layers=tuple(
+            kv.replace(gen_k=pad(kv.gen_k, 3, CACHE_K_AXES), gen_v=pad(kv.gen_v, 2, CACHE_V_AXES))
+            for kv in self.layers))
 
 
 CACHE_K_AXES = ("batch", "act_kv_heads", "head_dim", "cache_length")
@@ -516,36 +535,11 @@ def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype))
 
 
-# Decoding attention is computed in parts (the shared prompt, then chunks of generated slots),
-# each part kept as an unnormalised softmax: (running max, sum of weights, weighted values).
-_NEG = float(jnp.finfo(jnp.float32).min)
-
-
-def _attend_part(scores, valid, v, values_spec: str):
-    """(max, weight sum, weighted values) of one part; `scores` float32 with keys last."""
-    scores = jnp.where(valid, scores, _NEG)
-    max_ = scores.max(axis=-1)
-    weights = jnp.where(valid, jnp.exp(scores - max_[..., None]), 0.0)
-    values = jnp.einsum(values_spec, weights.astype(v.dtype), v,
-                        preferred_element_type=jnp.float32, precision=_precision(v.dtype))
-    return max_, weights.sum(axis=-1), values
-
-
-def _merge_parts(a, b):
-    (max_a, sum_a, values_a), (max_b, sum_b, values_b) = a, b
-    max_ = jnp.maximum(max_a, max_b)
-    scale_a, scale_b = jnp.exp(max_a - max_), jnp.exp(max_b - max_)
-    return (max_, sum_a * scale_a + sum_b * scale_b,
-            values_a * scale_a[..., None] + values_b * scale_b[..., None])
-
-
-def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk: int):
+def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot):
     """One query token per sample against its group's prompt and its own generated slots
-    0..gen_slot. The prompt part is one product per prompt for all G samples of its group. A
-    generated buffer no longer than `chunk` slots is read whole, with one softmax over prompt and
-    generated slots (the teacher-forced forward's arithmetic); a longer one is read `chunk` slots
-    at a time, only up to gen_slot, with an online softmax: a step reads the filled cache, not the
-    whole buffer."""
+    0..gen_slot, with one softmax over both (the teacher-forced forward's arithmetic). The prompt
+    part is one product per prompt for all G samples of its group. The whole generated buffer is
+    read: the sampler grows it in phases so that it stays close to the filled length."""
     n, k, g, h = q_NxKxGxH.shape
     p, _, _, t = kv.prompt_k.shape
     length = kv.gen_k.shape[-1]
@@ -557,38 +551,18 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot, chunk:
 
     prompt_scores_PxRxKxGxT = scores_of("prkgh,pkht->prkgt",
                                         q_NxKxGxH.reshape(p, n // p, k, g, h), kv.prompt_k)
-    if length <= chunk:
-        scores_NxKxGxS = jnp.concatenate(
-            [prompt_scores_PxRxKxGxT.reshape(n, k, g, t),
-             scores_of("nkgh,nkhl->nkgl", q_NxKxGxH, kv.gen_k)], axis=-1)
-        valid_NxS = jnp.concatenate([jnp.repeat(prompt_valid_PxT, n // p, axis=0),
-                                     jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
-                                    axis=1)
-        probs = _masked_softmax(scores_NxKxGxS, valid_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
-        prompt_out = jnp.einsum("prkgt,pkth->prkgh", probs[..., :t].reshape(p, n // p, k, g, t),
-                                kv.prompt_v, preferred_element_type=jnp.float32,
-                                precision=precision)
-        gen_out = jnp.einsum("nkgl,nklh->nkgh", probs[..., t:], kv.gen_v,
-                             preferred_element_type=jnp.float32, precision=precision)
-        return (prompt_out.reshape(n, k, g, h) + gen_out).astype(q_NxKxGxH.dtype)
-
-    prompt_part = _attend_part(prompt_scores_PxRxKxGxT, prompt_valid_PxT[:, None, None, None, :],
-                               kv.prompt_v, "prkgt,pkth->prkgh")
-
-    def body(index, parts):
-        nominal = index * chunk
-        start = jnp.minimum(nominal, length - chunk)  # the last chunk may overlap the previous one
-        keys_NxKxHxC = jax.lax.dynamic_slice_in_dim(kv.gen_k, start, chunk, axis=3)
-        values_NxKxCxH = jax.lax.dynamic_slice_in_dim(kv.gen_v, start, chunk, axis=2)
-        slots_C = start + jnp.arange(chunk)
-        valid_C = (slots_C >= nominal) & (slots_C <= gen_slot)
-        part = _attend_part(scores_of("nkgh,nkhc->nkgc", q_NxKxGxH, keys_NxKxHxC), valid_C,
-                            values_NxKxCxH, "nkgc,nkch->nkgh")
-        return _merge_parts(parts, part)
-
-    parts = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), prompt_part)
-    _, sum_NxKxG, values_NxKxGxH = jax.lax.fori_loop(0, gen_slot // chunk + 1, body, parts)
-    return (values_NxKxGxH / sum_NxKxG[..., None]).astype(q_NxKxGxH.dtype)
+    scores_NxKxGxS = jnp.concatenate(
+        [prompt_scores_PxRxKxGxT.reshape(n, k, g, t),
+         scores_of("nkgh,nkhl->nkgl", q_NxKxGxH, kv.gen_k)], axis=-1)
+    valid_NxS = jnp.concatenate([jnp.repeat(prompt_valid_PxT, n // p, axis=0),
+                                 jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
+                                axis=1)
+    probs = _masked_softmax(scores_NxKxGxS, valid_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
+    prompt_out = jnp.einsum("prkgt,pkth->prkgh", probs[..., :t].reshape(p, n // p, k, g, t),
+                            kv.prompt_v, preferred_element_type=jnp.float32, precision=precision)
+    gen_out = jnp.einsum("nkgl,nklh->nkgh", probs[..., t:], kv.gen_v,
+                         preferred_element_type=jnp.float32, precision=precision)
+    return (prompt_out.reshape(n, k, g, h) + gen_out).astype(q_NxKxGxH.dtype)
 
 
 class Attention(nnx.Module):
@@ -606,7 +580,6 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
         self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
-        self.decode_chunk = config.decode_chunk
 
     def _project(self, x_BxTxD, cos, sin):
         b, t, _ = x_BxTxD.shape
@@ -636,8 +609,7 @@ class Attention(nnx.Module):
                 kv.gen_v, v_Nx1xKxH.transpose(0, 2, 1, 3).astype(kv.gen_v.dtype),
                 (0, 0, gen_slot, 0)),
         )
-        out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, prompt_valid_PxT, gen_slot,
-                                        self.decode_chunk)
+        out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, prompt_valid_PxT, gen_slot)
         return self.o_proj(out_NxKxGxH.reshape(n, 1, -1)), kv
 
 
