@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         "top_k": 0,
         "top_p": 1.0,
         "stop_tokens": ("<|im_end|>", "<|endoftext|>"),
+        "cache_phases": 4,  # the generated-token KV buffer grows this many times
     })
     c.rl = ml_collections.ConfigDict(RLConfig().to_dict())
     c.train = ml_collections.ConfigDict({

@@ -236,7 +236,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         sampling = SamplingConfig(
             num_samples=group, max_new_tokens=config.sampling.max_new_tokens,
             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-            top_p=config.sampling.top_p, stop_token_ids=stop_ids)
+            top_p=config.sampling.top_p, stop_token_ids=stop_ids,
+            cache_phases=config.sampling.cache_phases)
         sampler = Sampler(graphdef, sampling)
         reward_config = RewardConfig.from_mapping(
             {**config.rewards.to_dict(), "max_length": sampling.max_new_tokens})

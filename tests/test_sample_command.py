@@ -78,14 +78,16 @@ def test_prompt_json_and_readable_output(model_dir, processor, image_path, capsy
 
 
 def test_hf_arrays_input_on_a_mesh(model_dir, processor, image_path, capsys, tmp_path):
-    """Right-padded HF arrays (text + image prompt) sampled greedily on a 2-device mesh equal
-    greedy samples of the same prompts encoded directly, unsharded."""
+    """Right-padded HF arrays (text + image prompt) sampled greedily on a 2-device mesh, with the
+    generated-token buffer growing twice, equal greedy samples of the same prompts encoded
+    directly, unsharded, with the default four phases."""
     encoded = [processor.encode(question="2+2"),
                processor.encode(question=QUESTION, images=[str(image_path)])]
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, **verify.hf_arrays(encoded, processor.pad_token_id, padding_side="right"))
     code, out, err = run(capsys, "--model", model_dir, "--inputs", inputs, "--greedy",
-                         "--max-new-tokens", 5, "--mesh", "1,1,2", "--json")
+                         "--max-new-tokens", 5, "--mesh", "1,1,2", "--cache-phases", 2,
+                         "--json")
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
 
@@ -109,6 +111,7 @@ def test_hf_arrays_input_on_a_mesh(model_dir, processor, image_path, capsys, tmp
     (["--inputs", "{tmp}/broken.png"], "not a readable .npz"),
     (["--prompt", "?", "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
     (["--prompt", "?", "--mesh", "2,2"], "--mesh '2,2'"),
+    (["--prompt", "?", "--cache-phases", "0"], "cache_phases must be >= 1"),
     (["--inputs", "{tmp}/broken.png", "--image", "{tmp}/broken.png"], "go with --prompt"),
 ])
 def test_bad_input_is_reported(model_dir, tmp_path, capsys, extra, message):

@@ -103,6 +103,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-phases", type=int, default=4,
+                        help="times the generated-token KV buffer grows (1: sized for "
+                             "--max-new-tokens from the start, least memory)")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
     parser.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh shape")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -122,7 +125,8 @@ def main(argv: list[str]) -> int:
         sampling = SamplingConfig(
             num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            greedy=args.greedy, stop_token_ids=processor.stop_token_ids)
+            greedy=args.greedy, stop_token_ids=processor.stop_token_ids,
+            cache_phases=args.cache_phases)
         records = sample(args.model, rows, processor, sampling, seed=args.seed,
                          mesh_shape=parse_mesh(args.mesh), dtype=args.dtype)
     except InputError as e:
