@@ -27,6 +27,8 @@ def get_config(arg: str | None = None):
 
     config.sampling.max_new_tokens = 16
     config.sampling.temperature = 1.0
+    # 16-token answers: a growing KV buffer saves nothing worth a compile per phase.
+    config.sampling.cache_phases = 1
 
     config.rl.num_generations = 8
     config.rl.max_response_length = 16
