@@ -280,6 +280,7 @@ def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) 
             cache=cache,
         )
 
+    # One loop per buffer length; once every sample has stopped, the later loops run no step.
     for end in phase_ends:
         state = state.replace(cache=state.cache.grow(end))
         state = jax.lax.while_loop(keep_going_until(end), step_fn, state)
