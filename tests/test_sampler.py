@@ -159,7 +159,7 @@ def test_greedy_matches_transformers(names, model, params, processor, prompts, h
 
 
 @pytest.mark.parametrize("phases", [1, 5, GREEDY_TOKENS])
-def test_generated_buffer_grows_in_phases(phases, params, processor, prompts, hf_model,
+def test_generated_buffer_grows_in_phases(phases, model, params, processor, prompts, hf_model,
                                           greedy_sampler):
     """However many times the generated-token buffer grows (1: one buffer for all 12 tokens; 5:
     buffers of 3, 5, 8, 10, 12 slots; 12: one slot more each step), the tokens are
@@ -169,7 +169,6 @@ def test_generated_buffer_grows_in_phases(phases, params, processor, prompts, hf
     assert len(config.phase_ends()) == phases and config.phase_ends()[-1] == GREEDY_TOKENS
     sampler = Sampler(greedy_sampler.graphdef, config)
     names = ("image_small", "text_long")
-    model = nnx.merge(greedy_sampler.graphdef, params)
     batch = make_batch(model, processor, [prompts[n] for n in names])
     out = sample(sampler, params, batch)
     for row, name in enumerate(names):
@@ -180,9 +179,8 @@ def test_generated_buffer_grows_in_phases(phases, params, processor, prompts, hf
     np.testing.assert_allclose(out.logprobs_NxL, default.logprobs_NxL, rtol=0, atol=1e-5)
 
 
-def test_early_stop_skips_the_later_phases(params, processor, prompts, greedy_sampler):
+def test_early_stop_skips_the_later_phases(model, params, processor, prompts, greedy_sampler):
     """Every sample stops in the first phase: the later phases' loops run no step."""
-    model = nnx.merge(greedy_sampler.graphdef, params)
     batch = make_batch(model, processor, [prompts["text_short"]])
     first = int(sample(greedy_sampler, params, batch).tokens_NxL[0, 1])
     config = dataclasses.replace(greedy_sampler.config, stop_token_ids=(first,))

@@ -283,6 +283,16 @@ class KVCache:
     def gen_length(self) -> int:
         return self.layers[0].gen_k.shape[-1]
 
+    def readable_NxS(self, gen_slot) -> jax.Array:
+        """bool [N, T + L]: the keys a decoding step writing at `gen_slot` may read, the same in
+        every layer: its group's prompt without the left padding, then generated slots
+        0..gen_slot."""
+        n, length = self.layers[0].gen_k.shape[0], self.gen_length
+        group = n // self.prompt_valid_PxT.shape[0]
+        return jnp.concatenate([jnp.repeat(self.prompt_valid_PxT, group, axis=0),
+                                jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
+                               axis=1)
+
     def grow(self, length: int) -> KVCache:
         """The same cache with room for `length` generated tokens (the new slots zero). A copy:
         until it completes, the old and the new generated buffers are both in memory."""
@@ -535,14 +545,14 @@ def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype))
 
 
-def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot):
-    """One query token per sample against its group's prompt and its own generated slots
-    0..gen_slot, with one softmax over both (the teacher-forced forward's arithmetic). The prompt
+def _decode_attention(q_NxKxGxH, kv: LayerKV, readable_NxS):
+    """One query token per sample against its group's prompt and its own generated slots (the
+    `readable_NxS` ones, see KVCache.readable_NxS), with one softmax over both (the teacher-forced
+    forward's arithmetic). The prompt
     part is one product per prompt for all G samples of its group. The whole generated buffer is
     read: the sampler grows it in phases so that it stays close to the filled length."""
     n, k, g, h = q_NxKxGxH.shape
     p, _, _, t = kv.prompt_k.shape
-    length = kv.gen_k.shape[-1]
     precision = _precision(q_NxKxGxH.dtype)
 
     def scores_of(spec, query, keys):
@@ -554,10 +564,7 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, prompt_valid_PxT, gen_slot):
     scores_NxKxGxS = jnp.concatenate(
         [prompt_scores_PxRxKxGxT.reshape(n, k, g, t),
          scores_of("nkgh,nkhl->nkgl", q_NxKxGxH, kv.gen_k)], axis=-1)
-    valid_NxS = jnp.concatenate([jnp.repeat(prompt_valid_PxT, n // p, axis=0),
-                                 jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
-                                axis=1)
-    probs = _masked_softmax(scores_NxKxGxS, valid_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
+    probs = _masked_softmax(scores_NxKxGxS, readable_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
     prompt_out = jnp.einsum("prkgt,pkth->prkgh", probs[..., :t].reshape(p, n // p, k, g, t),
                             kv.prompt_v, preferred_element_type=jnp.float32, precision=precision)
     gen_out = jnp.einsum("nkgl,nklh->nkgh", probs[..., t:], kv.gen_v,
@@ -597,7 +604,7 @@ class Attention(nnx.Module):
         out = _dense_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, kv_valid_BxT)
         return self.o_proj(out.reshape(b, t, -1)), (k_BxTxKxH, v_BxTxKxH)
 
-    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, prompt_valid_PxT, gen_slot):
+    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, readable_NxS, gen_slot):
         """One token per sample: write its (k, v) at gen_slot, attend, return the new cache."""
         n = x_Nx1xD.shape[0]
         q_Nx1xKxGxH, k_Nx1xKxH, v_Nx1xKxH = self._project(x_Nx1xD, cos, sin)
@@ -609,7 +616,7 @@ class Attention(nnx.Module):
                 kv.gen_v, v_Nx1xKxH.transpose(0, 2, 1, 3).astype(kv.gen_v.dtype),
                 (0, 0, gen_slot, 0)),
         )
-        out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, prompt_valid_PxT, gen_slot)
+        out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, readable_NxS)
         return self.o_proj(out_NxKxGxH.reshape(n, 1, -1)), kv
 
 
@@ -633,9 +640,9 @@ class DecoderLayer(nnx.Module):
         attn_out, kv = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, kv_valid_BxT)
         return self._finish(x_BxTxD, attn_out), kv
 
-    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, prompt_valid_PxT, gen_slot):
+    def step(self, x_Nx1xD, cos, sin, kv: LayerKV, readable_NxS, gen_slot):
         attn_out, kv = self.self_attn.step(self.input_layernorm(x_Nx1xD), cos, sin, kv,
-                                           prompt_valid_PxT, gen_slot)
+                                           readable_NxS, gen_slot)
         return self._finish(x_Nx1xD, attn_out), kv
 
 
@@ -708,9 +715,10 @@ class Qwen25VL(nnx.Module):
         `gen_slot`."""
         cos_SxH, sin_SxH = rotary_table
         cos, sin = cos_SxH[position_N[:, None]], sin_SxH[position_N[:, None]]
+        readable_NxS = cache.readable_NxS(gen_slot)  # once per step, not once per layer
         layers = []
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, cache.prompt_valid_PxT, gen_slot)
+            x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, readable_NxS, gen_slot)
             layers.append(kv)
         return self.norm(x_Nx1xD), cache.replace(layers=tuple(layers))
 
