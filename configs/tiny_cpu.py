@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
 
     if arg == "smoke":  # seconds, for tests
         config.train.num_steps = 2
-        config.train.prompts_per_rollout = 4
+        config.train.prompts_per_rollout = 2
         config.train.groups_per_step = 2
         config.train.minibatch_size = 16
         config.train.micro_batch_size = 8

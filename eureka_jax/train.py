@@ -38,7 +38,13 @@ from eureka_jax.models.qwen2_5_vl import Qwen25VL
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rewards import RewardConfig, RewardPool
 from eureka_jax.rl_config import RLConfig
-from eureka_jax.rollout import RolloutWorker, collate_groups, pack_groups, unpack_groups
+from eureka_jax.rollout import (
+    RolloutWorker,
+    ScoredGroup,
+    collate_groups,
+    pack_groups,
+    unpack_groups,
+)
 from eureka_jax.sampler import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,15 @@ class LoopConfig:
         if (self.groups_per_step * group) % self.minibatch_size:
             raise InputError("train.groups_per_step * rl.num_generations must be a multiple of "
                              "train.minibatch_size")
+        if self.groups_per_step < self.prompts_per_rollout:
+            # A rollout of P prompts can keep P groups; a smaller batch would train last step's
+            # leftovers and drop fresh groups unused (the demo once trained 8 of 100 batches
+            # on fresh data this way).
+            raise InputError(
+                f"train.groups_per_step ({self.groups_per_step}) must be >= "
+                f"train.prompts_per_rollout ({self.prompts_per_rollout}): a step must be able to "
+                "train every group its rollout keeps; raise groups_per_step (more updates per "
+                "step through minibatch_size) or lower prompts_per_rollout")
         if self.minibatch_size % self.micro_batch_size:
             raise InputError("train.minibatch_size must be a multiple of train.micro_batch_size")
 
@@ -134,15 +149,37 @@ def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_sharding
     return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
+def assemble_batch(fresh: list[ScoredGroup], carried: list[ScoredGroup], size: int):
+    """(batch, carried to the next step, counts): the step's fresh groups first, then the previous
+    step's surplus (newest first) only to fill the batch. Fresh groups beyond the batch carry
+    over; carried groups that were not needed are dropped, never trained two steps stale."""
+    batch = fresh[:size]
+    filled = carried[::-1][:size - len(batch)]
+    counts = {"fresh": len(batch), "carried": len(filled),
+              "dropped": len(carried) - len(filled)}
+    return batch + filled, fresh[size:], counts
+
+
 def split_minibatches(groups, loop: LoopConfig, group: int, rng: np.random.Generator):
-    """Shuffle groups, then cut them into minibatches of micro-batches (lists of groups)."""
+    """Shuffle groups, then cut them into minibatches of micro-batches (lists of groups). A last,
+    partial minibatch is padded with empty groups (no response token: they count nowhere), so
+    every group is trained and every update has the compiled shape."""
     order = rng.permutation(len(groups))
     per_minibatch, per_micro = loop.minibatch_size // group, loop.micro_batch_size // group
     minibatches = []
     for start in range(0, len(groups), per_minibatch):
         chosen = [groups[i] for i in order[start:start + per_minibatch]]
+        chosen += [_empty_group(chosen[0])] * (per_minibatch - len(chosen))
         minibatches.append([chosen[i:i + per_micro] for i in range(0, len(chosen), per_micro)])
     return minibatches
+
+
+def _empty_group(like: ScoredGroup) -> ScoredGroup:
+    zeros = np.zeros_like
+    return dataclasses.replace(
+        like, record_id="", tokens_GxL=zeros(like.tokens_GxL), logprobs_GxL=zeros(like.logprobs_GxL),
+        lengths_G=zeros(like.lengths_G), rewards_G=zeros(like.rewards_G),
+        advantages_G=zeros(like.advantages_G))
 
 
 def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
@@ -215,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             params, opt_state = device["params"], device["opt_state"]
             step = latest
             log.info("resumed from %s at step %d", checkpointer.directory, step)
-        pending = unpack_groups(unpack_arrays(host["pending"])) if host else []
+        carried = unpack_groups(unpack_arrays(host["carried_groups"])) if host else []
 
         # -- Data ---------------------------------------------------------------------------------
         preprocess = make_preprocess(processor, model_config=model_config,
@@ -273,28 +310,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 step_started = time.perf_counter()
                 metrics: dict[str, list[float]] = {}
 
-                # Rollouts until the filter has kept a full batch of groups (at least one fresh
-                # rollout per step; groups left from the previous step are used first).
+                # Rollouts until the filter has kept a full batch of fresh groups (MM-Eureka's
+                # accumulation), then the batch: every fresh group first, the previous step's
+                # surplus only to fill what is left.
+                fresh: list = []
                 for rollout in range(loop.max_rollouts_per_step):
-                    if rollout > 0 and len(pending) >= loop.groups_per_step:
+                    if rollout > 0 and len(fresh) + len(carried) >= loop.groups_per_step:
                         break
                     examples = next(data_iter)
                     seed = _rollout_seed(config.seed, step, rollout)
                     groups, rollout_metrics, samples = worker.run(params, examples, seed)
-                    pending.extend(groups)
+                    fresh.extend(groups)
                     for key, value in rollout_metrics.items():
                         metrics.setdefault(key, []).append(float(value))
-                # A filter that keeps too few groups (the policy is all-right or all-wrong on
-                # most prompts) must not stall the run: train on the full minibatches there are.
-                per_minibatch = loop.minibatch_size // group
-                usable = min(loop.groups_per_step, len(pending) // per_minibatch * per_minibatch)
-                if usable < loop.groups_per_step:
+                batch_groups, carried, counts = assemble_batch(fresh, carried,
+                                                               loop.groups_per_step)
+                if len(batch_groups) < loop.groups_per_step:
                     log.warning("step %d: the online filter kept %d groups in %d rollouts; "
-                                "training on %d", step, len(pending), rollout + 1, usable)
-                batch_groups, pending = pending[:usable], pending[usable:]
-                # Surplus beyond one more batch would only grow staler: drop the oldest.
-                stale = max(0, len(pending) - loop.groups_per_step)
-                pending = pending[stale:]
+                                "training on %d (batch %d)", step, len(fresh), rollout + 1,
+                                len(batch_groups), loop.groups_per_step)
 
                 # Updates: ppo_epochs passes of minibatches, micro-batches accumulated.
                 update_started = time.perf_counter()
@@ -307,6 +341,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                             train_batch = put_on_device(collate_groups(micro, buckets, pad_id))
                             params, opt_state, out = update_step(params, opt_state, train_batch,
                                                                  jnp.float32(scale))
+                            if scale == 0:  # padding only: no gradient, and no metrics
+                                continue
                             for key, value in jax.device_get(out).items():
                                 update_metrics.setdefault(key, []).append(float(value))
                 if update_metrics:
@@ -317,11 +353,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 trained_tokens = sum(int(g.lengths_G.sum()) for g in batch_groups)
                 metrics["throughput/tokens_per_s"] = trained_tokens * rl.ppo_epochs / update_time
                 metrics["filter/trained_groups"] = len(batch_groups)
+                metrics["filter/fresh_groups"] = counts["fresh"]
+                metrics["filter/carried_groups"] = counts["carried"]
+                metrics["filter/dropped_groups"] = counts["dropped"]
                 metrics["compilations/sampler"] = sampler.num_compilations
                 metrics["compilations/update"] = update_step._cache_size()
                 metrics["lr"] = float(schedule(_optimizer_count(opt_state, tx)))
-                metrics["filter/pending_groups"] = len(pending)
-                metrics["filter/dropped_stale_groups"] = stale
                 metrics["time/step"] = time.perf_counter() - step_started
                 if evaluator is not None and (step % config.eval.every == 0
                                               or step == loop.num_steps):
@@ -335,7 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 if checkpointer.should_save(step) or step == loop.num_steps:
                     checkpointer.save(step, {"params": params, "opt_state": opt_state}, {
                         "data_iterator": data_iter.get_state(),
-                        "pending": pack_arrays(pack_groups(pending)),
+                        "carried_groups": pack_arrays(pack_groups(carried)),
                     })
                 if checkpointer.preempted:
                     log.warning("SIGTERM: checkpoint saved at step %d; exiting", step)
