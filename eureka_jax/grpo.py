@@ -8,12 +8,18 @@ p at index p*G + g), B sequences in an update batch, T response tokens, V vocabu
 `mask_BxT` is True on response tokens that count; sequences with no True token (batch padding)
 count nowhere: not in any mean, not in dr_grpo's number of sequences B'.
 
-Advantages (one scalar per sequence, which every token of the response gets):
-  grpo     A = (r - mean_G r) / (std_G r + eps)        std unbiased (ddof=1), as torch.std
-           A = r - mean_G r                             with scale_by_std=False
+Advantages (one scalar per sequence, which every token of the response gets), computed per
+rollout by rollout.rollout_advantages in this order: rewards -> KL penalty (placement 'reward')
+-> group advantages -> ADORA -> online filter; whitening runs later, over a step's training batch.
+  grpo     A = (r - mean_G r) / (std_G r + eps)        scale 'group'; std unbiased (ddof=1), as
+                                                        torch.std (MM-Eureka)
+           A = (r - mean_G r) / (std_N r + eps)        scale 'batch': the unbiased std of all N
+                                                        rewards of the rollout (TRL, LitePPO)
+           A = r - mean_G r                             scale 'none'
   rloo     A = r - (sum_G r - r) / (G - 1)              MM-Eureka v1
   dr_grpo  A = r - mean_G r
   whiten   A = (A - m) / sqrt(max(v, eps))              m, v weighted by response length (OpenRLHF)
+A zero std (all-equal rewards) gives advantages of exactly 0, whatever eps.
 
 Policy losses. l = logp - old_logp per token, cap(x) = min(x, ratio_cap),
 clip(x) = clip(x, 1 - eps_low, 1 + eps_high), surrogate(x) = -min(x A, clip(x) A):
@@ -28,7 +34,11 @@ The cap and the clip both pass no gradient where they are active.
 
 KL to the reference, d = ref_logp - logp per token: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1.
   total loss = pg + kl_coef * KL - entropy_coef * H
-where KL (placement 'loss') and the entropy H are aggregated like the policy term.
+where KL (placement 'loss') and the entropy H are aggregated like the policy term, so that each
+is a loss term of the same kind as pg (under dr_grpo: scaled by mean length / max length). With
+placement 'reward' the loss has no KL term: penalty_B = kl_coef * sum_t KL_t of the sampled
+tokens is subtracted from the rewards before the advantages (kl_reward_penalty). The logged
+`entropy` metric is the token mean of H whatever the loss, so runs with different losses compare.
 """
 
 from __future__ import annotations
@@ -52,29 +62,38 @@ _CPGD_DRIFT_MAX = 2.0
 
 
 def group_advantages(
-    rewards_N: jax.Array, group_size: int, kind: str, scale_by_std: bool, eps: float
+    rewards_N: jax.Array, group_size: int, kind: str, scale: str, eps: float
 ) -> jax.Array:
     """Per-sequence advantages from rewards laid out prompt-major; returns float32 advantages_N.
 
-    A group whose rewards are all equal gets advantages of exactly 0, whatever G and the rewards.
+    `scale` ('group', 'batch' or 'none') is what 'grpo' advantages are divided by; the other
+    kinds need 'none'. A group whose rewards are all equal gets advantages of exactly 0, whatever
+    G, the rewards and eps.
     """
     if group_size < 2 or rewards_N.shape[0] % group_size:
         raise ValueError(
             f"group_size must be >= 2 and divide the {rewards_N.shape[0]} rewards"
             f" (got {group_size})"
         )
-    if scale_by_std and kind != "grpo":
-        raise ValueError(f"scale_by_std applies to the 'grpo' advantage only (got {kind!r})")
-    rewards_PxG = rewards_N.astype(jnp.float32).reshape(-1, group_size)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown reward scaling {scale!r}")
+    if scale != "none" and kind != "grpo":
+        raise ValueError(f"scale={scale!r} applies to the 'grpo' advantage only (got {kind!r})")
+    rewards_N = rewards_N.astype(jnp.float32)
     # Every formula is shift-invariant, so measure rewards from the group's first one. Then an
     # all-equal group is exactly 0: float32 means such as mean([0.1] * 3) are off by an ulp, and
     # that ulp divided by a std of ~1e-8 would become an advantage of about -0.7.
+    rewards_PxG = rewards_N.reshape(-1, group_size)
     rewards_PxG = rewards_PxG - rewards_PxG[:, :1]
     if kind in ("grpo", "dr_grpo"):
         advantages_PxG = rewards_PxG - rewards_PxG.mean(axis=-1, keepdims=True)
-        if scale_by_std:
-            std_Px1 = rewards_PxG.std(axis=-1, ddof=1, keepdims=True)
-            advantages_PxG = advantages_PxG / (std_Px1 + eps)
+        if scale == "group":
+            advantages_PxG = _divide_by_std(
+                advantages_PxG, rewards_PxG.std(axis=-1, ddof=1, keepdims=True), eps)
+        elif scale == "batch":
+            # Shifted by one global value only, so that the batch std is the rewards' own.
+            batch_std = (rewards_N - rewards_N[0]).std(ddof=1)
+            advantages_PxG = _divide_by_std(advantages_PxG, batch_std, eps)
     elif kind == "rloo":
         others_mean_PxG = (rewards_PxG.sum(axis=-1, keepdims=True) - rewards_PxG) / (
             group_size - 1
@@ -83,6 +102,11 @@ def group_advantages(
     else:
         raise ValueError(f"unknown advantage kind {kind!r}")
     return advantages_PxG.reshape(-1)
+
+
+def _divide_by_std(advantages: jax.Array, std: jax.Array, eps: float) -> jax.Array:
+    # A zero std only comes with all-zero advantages; keep them 0 rather than 0/0 when eps = 0.
+    return jnp.where(std > 0, advantages / jnp.where(std > 0, std + eps, 1.0), 0.0)
 
 
 def whiten_advantages(
@@ -298,7 +322,8 @@ def policy_loss(
     valid tokens whose gradient the clip/clamp removed), ratio_mean (token mean of the
     uncapped ratio; gspo's sequence ratio counts once per token), approx_kl (token mean of
     k3 KL(old || new) = exp(l) - 1 - l), and when given: kl (ref_logp_BxT, aggregated like the
-    policy term) and entropy (entropy_BxT, aggregated likewise).
+    policy term, as the loss adds it; placement 'reward' only reports it) and entropy (the
+    token mean of entropy_BxT; the bonus in the loss is aggregated like the policy term).
     """
     if cfg.kl_coef > 0 and cfg.kl_placement == "loss" and ref_logp_BxT is None:
         raise ValueError("kl_coef > 0 with kl_placement='loss' needs ref_logp_BxT")
@@ -331,9 +356,10 @@ def policy_loss(
         if cfg.kl_placement == "loss" and cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * metrics["kl"]
     if entropy_BxT is not None:
-        metrics["entropy"] = aggregate(entropy_BxT.astype(jnp.float32), mask_BxT, cfg)
+        entropy_BxT = _zero_padding(entropy_BxT, mask_BxT)
+        metrics["entropy"] = _token_mean(entropy_BxT, mask_BxT, cfg)
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * metrics["entropy"]
+            loss = loss - cfg.entropy_coef * aggregate(entropy_BxT, mask_BxT, cfg)
     metrics["loss"] = loss
     return loss, metrics
 

@@ -19,11 +19,13 @@ import ml_collections
 from eureka_jax.errors import InputError
 
 AdvantageKind = Literal["grpo", "rloo", "dr_grpo"]
+ScaleRewards = Literal["group", "batch", "none"]
 LossKind = Literal["grpo", "dapo", "dr_grpo", "gspo", "cpgd"]
 KLEstimator = Literal["k1", "k2", "k3"]
 KLPlacement = Literal["loss", "reward"]
 
 ADVANTAGE_KINDS: tuple[str, ...] = typing.get_args(AdvantageKind)
+SCALE_REWARDS: tuple[str, ...] = typing.get_args(ScaleRewards)
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 KL_ESTIMATORS: tuple[str, ...] = typing.get_args(KLEstimator)
 KL_PLACEMENTS: tuple[str, ...] = typing.get_args(KLPlacement)
@@ -39,14 +41,18 @@ class RLConfig:
     # Advantage estimator: 'grpo' (group mean/std), 'rloo' (leave-one-out baseline, MM-Eureka v1),
     # 'dr_grpo' (group mean only).
     advantage: AdvantageKind = "grpo"
-    # Divide 'grpo' advantages by the group's unbiased std. Only 'grpo' has this option: 'dr_grpo'
-    # is by definition unscaled and 'rloo' is whitened over the batch instead, so it must be False
-    # for them ('grpo' with False equals 'dr_grpo').
-    scale_rewards_by_std: bool = True
-    # Added to the group std before dividing: MM-Eureka uses std + 1e-9 (torch's unbiased std).
+    # What 'grpo' advantages r - mean_G r are divided by (TRL's scale_rewards): 'group' the
+    # group's unbiased std (MM-Eureka), 'batch' the unbiased std of all the rollout's rewards
+    # (TRL / LitePPO), 'none' nothing ('grpo' with 'none' equals 'dr_grpo'). It must be 'none'
+    # with 'dr_grpo' (unscaled by definition) and 'rloo' (MM-Eureka v1 whitens RLOO advantages
+    # over the training batch instead: whiten_advantages).
+    scale_rewards: ScaleRewards = "group"
+    # Added to the std before dividing: MM-Eureka uses std + 1e-9 (torch's unbiased std); TRL
+    # uses 1e-4.
     adv_eps: float = 1e-9
-    # Whiten advantages over the whole batch, weighted by response length (OpenRLHF's replay
-    # buffer normalisation, which MM-Eureka v1 applied to its RLOO advantages).
+    # Whiten the advantages of each step's training batch (the groups one step trains on),
+    # weighted by response length: OpenRLHF's per-token replay-buffer normalisation, which
+    # MM-Eureka v1 applied to its RLOO advantages (rollout.whiten_training_batch).
     whiten_advantages: bool = False
 
     # Policy loss: 'grpo' (per-sequence token mean, MM-Eureka), 'dapo' (token mean over the batch),
@@ -58,7 +64,9 @@ class RLConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     # MM-Eureka caps the importance ratio at 3.0 before clipping (no gradient above the cap), which
-    # bounds the update of tokens with negative advantage. None disables the cap.
+    # bounds the update of tokens with negative advantage. None disables the cap; cpgd, which
+    # clamps log-probs, ignores it. It must exceed 1 + clip_eps_high, or it would cut ratios that
+    # the clip keeps and so change the clipped objective itself.
     ratio_cap: float | None = 3.0
     # Weight of CPGD's policy-drift term min(ratio - 1, 2) * logp.
     cpgd_drift_coef: float = 0.01
@@ -67,10 +75,14 @@ class RLConfig:
     kl_coef: float = 0.0
     # Estimator on d = ref_logp - logp: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1.
     kl_estimator: KLEstimator = "k3"
-    # 'loss': added to the loss (GRPO/TRL); 'reward': subtracted from each sequence's reward
-    # before the advantages (OpenRLHF), see grpo.kl_reward_penalty.
+    # 'loss': added to the loss (GRPO/TRL; the update step runs the reference forward);
+    # 'reward': at rollout time, kl_coef * the sequence's summed KL of the sampled tokens is
+    # subtracted from its reward before the advantages (OpenRLHF; grpo.kl_reward_penalty), and
+    # the loss has no KL term.
     kl_placement: KLPlacement = "loss"
-    # Entropy bonus: the loss gets -entropy_coef * mean token entropy.
+    # Entropy bonus: the loss gets -entropy_coef * H, with the token entropies aggregated like the
+    # policy term (so under 'dr_grpo' H is scaled by mean length / max_response_length). The
+    # logged `entropy` metric is the plain token mean whatever the loss.
     entropy_coef: float = 0.0
 
     # Online filter: keep a prompt only if its group's mean accuracy is in [filter_low,
@@ -121,15 +133,23 @@ class RLConfig:
 
         require(self.num_generations > 1, "num_generations", "> 1",
                 "GRPO normalises rewards within a group")
-        require(not self.scale_rewards_by_std or self.advantage == "grpo", "scale_rewards_by_std",
-                f"False with rl.advantage={self.advantage!r}",
-                "only 'grpo' divides by the group std")
+        require(self.scale_rewards == "none" or self.advantage == "grpo", "scale_rewards",
+                f"'none' with rl.advantage={self.advantage!r}",
+                "only 'grpo' advantages are divided by a std ('dr_grpo' is unscaled by "
+                "definition; 'rloo' is whitened over the training batch instead: "
+                "rl.whiten_advantages=True)")
+        require(self.scale_rewards != "batch" or not self.whiten_advantages, "scale_rewards",
+                "'group' or 'none' with rl.whiten_advantages=True",
+                "whitening the training batch already divides it by a batch std")
         require(self.adv_eps >= 0, "adv_eps", ">= 0", "it is added to the group std")
         require(0 <= self.clip_eps_low < 1, "clip_eps_low", "in [0, 1)",
                 "the lower clip bound 1 - eps must stay positive")
         require(self.clip_eps_high >= 0, "clip_eps_high", ">= 0", "it widens the clip range")
-        require(self.ratio_cap is None or self.ratio_cap > 1, "ratio_cap", "> 1 or None",
-                "a cap at or below 1 would cut every ratio that grows")
+        require(self.ratio_cap is None or self.loss == "cpgd"
+                or self.ratio_cap > 1 + self.clip_eps_high, "ratio_cap",
+                f"> 1 + rl.clip_eps_high = {1 + self.clip_eps_high:g}, or None",
+                "a cap at or below the upper clip bound cuts ratios the clip keeps, which "
+                "changes the clipped objective")
         require(self.cpgd_drift_coef >= 0, "cpgd_drift_coef", ">= 0", "it weights a penalty")
         require(self.kl_coef >= 0, "kl_coef", ">= 0", "it weights a penalty")
         require(self.entropy_coef >= 0, "entropy_coef", ">= 0", "it weights a bonus")

@@ -1,9 +1,11 @@
 """Rollouts: sample G responses per prompt, score them on the host, turn rewards into advantages,
 and keep the groups the online filter accepts until a training batch is full.
 
-The reward pool scores one rollout while the device runs the teacher-forced forward pass that
-measures the sampler/trainer log-prob mismatch (and gives old log-probs when the sampling
-distribution is not the policy itself, i.e. temperature != 1 or top-k/top-p filtering).
+The reward pool scores one rollout while the device runs the teacher-forced forward passes: the
+policy's, which measures the sampler/trainer log-prob mismatch (and gives old log-probs when the
+sampling distribution is not the policy itself, i.e. temperature != 1 or top-k/top-p filtering),
+and the reference model's when the KL is in the reward. `rollout_advantages` (one rollout) and
+`whiten_training_batch` (one step's groups) are the host-side advantage maths, model-free.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,7 @@ class ScoredGroup:
     tokens_GxL: np.ndarray
     logprobs_GxL: np.ndarray  # old log-probs for the update
     lengths_G: np.ndarray
-    rewards_G: np.ndarray
+    rewards_G: np.ndarray  # the reward functions' scores (before any KL penalty)
     advantages_G: np.ndarray
 
     _ROW_FIELDS = ("input_ids_T", "positions_3xT", "token_source_T", "patches_PxC", "pos_hw_Px2",
@@ -112,12 +114,83 @@ def collate_groups(groups: Sequence[ScoredGroup], buckets: Buckets, pad_token_id
     )
 
 
+class RolloutAdvantages(NamedTuple):
+    """What `rollout_advantages` returns (host NumPy)."""
+
+    advantages_N: np.ndarray  # float32, one per sequence, prompt-major
+    keep_P: np.ndarray  # bool: the groups the online filter keeps
+    metrics: dict[str, float]
+
+
+def rollout_advantages(
+    rl: RLConfig,
+    rewards_N: np.ndarray,
+    accuracy_N: np.ndarray,
+    lengths_N: np.ndarray,
+    truncated_N: np.ndarray,
+    logp_NxL: np.ndarray | None = None,
+    ref_logp_NxL: np.ndarray | None = None,
+) -> RolloutAdvantages:
+    """One rollout's rewards -> KL penalty -> group advantages -> ADORA -> online filter.
+
+    The KL penalty (rl.kl_coef > 0 with rl.kl_placement 'reward') needs the old log-probs of the
+    sampled tokens (`logp_NxL`) and the reference model's (`ref_logp_NxL`); token l of sequence
+    n counts if l < lengths_N[n]. Formulas in eureka_jax/grpo.py.
+    """
+    group = rl.num_generations
+    rewards_N = np.asarray(rewards_N, np.float32)
+    lengths_N = np.asarray(lengths_N)
+    metrics: dict[str, float] = {}
+    if rl.kl_coef > 0 and rl.kl_placement == "reward":
+        if logp_NxL is None or ref_logp_NxL is None:
+            raise ValueError("rl.kl_placement='reward' needs logp_NxL and ref_logp_NxL")
+        mask_NxL = np.arange(logp_NxL.shape[1])[None, :] < lengths_N[:, None]
+        penalty_N = np.asarray(grpo.kl_reward_penalty(
+            logp_NxL, ref_logp_NxL, mask_NxL, rl.kl_coef, rl.kl_estimator))
+        rewards_N = rewards_N - penalty_N
+        metrics["kl/reward_penalty"] = float(penalty_N.mean())
+    advantages_N = np.asarray(grpo.group_advantages(
+        rewards_N, group, rl.advantage, rl.scale_rewards, rl.adv_eps))
+    if rl.adora_enabled:
+        advantages_N = np.asarray(grpo.adora_scale(
+            advantages_N, np.asarray(accuracy_N) > 0.5, lengths_N, truncated_N, group,
+            rl.adora_factor))
+    keep_P = np.ones(len(rewards_N) // group, bool)
+    if rl.filter_enabled:
+        keep_P = np.asarray(grpo.online_filter(accuracy_N, group, rl.filter_low, rl.filter_high))
+    metrics["filter/kept_fraction"] = float(keep_P.mean())
+    return RolloutAdvantages(advantages_N, keep_P, metrics)
+
+
+def whiten_training_batch(groups: Sequence[ScoredGroup], rl: RLConfig) -> list[ScoredGroup]:
+    """With rl.whiten_advantages, the groups one step trains on with their advantages whitened
+    over all of them, weighted by response length (grpo.whiten_advantages); else the groups.
+
+    OpenRLHF (MM-Eureka v1) whitens every token's advantage over its replay buffer, the batch its
+    epochs of minibatches are drawn from: here, one step's groups. The pending groups of the
+    next step keep their unwhitened advantages, so each batch is whitened once, over itself.
+    """
+    if not rl.whiten_advantages or not groups:
+        return list(groups)
+    advantages_N = np.concatenate([grp.advantages_G for grp in groups])
+    lengths_N = np.concatenate([grp.lengths_G for grp in groups])
+    whitened_N = np.asarray(grpo.whiten_advantages(advantages_N, lengths_N))
+    bounds = np.cumsum([0] + [len(grp.advantages_G) for grp in groups])
+    return [dataclasses.replace(grp, advantages_G=whitened_N[start:end])
+            for grp, start, end in zip(groups, bounds[:-1], bounds[1:], strict=True)]
+
+
 class RolloutWorker:
-    """Runs one rollout: sample -> (rewards on the pool || teacher-forced forward) -> groups."""
+    """Runs one rollout: sample -> (rewards on the pool || teacher-forced forwards) -> groups.
+
+    `ref_params` (the reference policy) are needed exactly when the KL is in the reward."""
 
     def __init__(self, *, sampler, reward_pool, tokenizer, rl: RLConfig, buckets: Buckets,
                  pad_token_id: int, graphdef, recompute_old_logprobs: bool,
-                 measure_mismatch: bool, put_on_device):
+                 measure_mismatch: bool, put_on_device, ref_params=None):
+        if (ref_params is not None) != (rl.kl_coef > 0 and rl.kl_placement == "reward"):
+            raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
+                             "rl.kl_placement == 'reward'")
         self.sampler = sampler
         self.reward_pool = reward_pool
         self.tokenizer = tokenizer
@@ -127,11 +200,13 @@ class RolloutWorker:
         self.recompute_old_logprobs = recompute_old_logprobs
         self.measure_mismatch = measure_mismatch or recompute_old_logprobs
         self.put_on_device = put_on_device
+        self.ref_params = ref_params
         from flax import nnx
 
         def forward_logprobs(params, batch):
             return response_logprobs(nnx.merge(graphdef, params), batch)[0]
 
+        # Weights are an argument, so the policy and the reference share one program.
         self._forward_logprobs = jax.jit(forward_logprobs)
 
     def run(self, params, examples: Sequence[Example], seed: int):
@@ -151,11 +226,15 @@ class RolloutWorker:
         answers = [e.answer for e in examples for _ in range(group)]
         extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(group)]
         handle = self.reward_pool.submit(texts, answers, extras, lengths=lengths.tolist())
-        # Device work while the pool scores: the trainer's log-probs of the sampled tokens.
-        forward_logp = None
-        if self.measure_mismatch:
-            forward_logp = self._forward_logprobs(
-                params, rollout_train_batch(prompts, output, group))
+        # Device work while the pool scores: the trainer's and the reference's log-probs of the
+        # sampled tokens (dispatched asynchronously; read after the rewards).
+        forward_logp = ref_logp = None
+        if self.measure_mismatch or self.ref_params is not None:
+            batch = rollout_train_batch(prompts, output, group)
+            if self.measure_mismatch:
+                forward_logp = self._forward_logprobs(params, batch)
+            if self.ref_params is not None:
+                ref_logp = self._forward_logprobs(self.ref_params, batch)
         results = handle.result()
         reward_time = time.perf_counter() - started
 
@@ -181,26 +260,19 @@ class RolloutWorker:
             if self.recompute_old_logprobs:
                 logprobs = np.where(mask, forward_logp, 0.0)
 
-        advantages = np.asarray(grpo.group_advantages(
-            rewards, group, self.rl.advantage, self.rl.scale_rewards_by_std, self.rl.adv_eps))
-        if self.rl.adora_enabled:
-            advantages = np.asarray(grpo.adora_scale(
-                advantages, accuracy > 0.5, lengths, finish == FINISH_LENGTH, group,
-                self.rl.adora_factor))
-        keep = np.ones(len(examples), bool)
-        if self.rl.filter_enabled:
-            keep = np.asarray(grpo.online_filter(accuracy, group, self.rl.filter_low,
-                                                 self.rl.filter_high))
-        metrics["filter/kept_fraction"] = keep.mean()
+        scored = rollout_advantages(
+            self.rl, rewards, accuracy, lengths, finish == FINISH_LENGTH, logprobs,
+            None if ref_logp is None else np.asarray(ref_logp))
+        metrics.update(scored.metrics)
         groups = []
         for p, example in enumerate(examples):
-            if not keep[p]:
+            if not scored.keep_P[p]:
                 continue
             rows = slice(p * group, (p + 1) * group)
             groups.append(ScoredGroup(
                 row=example.row, record_id=example.record_id, tokens_GxL=tokens[rows],
                 logprobs_GxL=logprobs[rows], lengths_G=lengths[rows], rewards_G=rewards[rows],
-                advantages_G=advantages[rows]))
+                advantages_G=scored.advantages_N[rows]))
         samples = [{"id": examples[i // group].record_id, "answer": answers[i],
                     "completion": texts[i], "reward": float(rewards[i])}
                    for i in range(0, len(texts), group)]

@@ -44,6 +44,7 @@ from eureka_jax.rollout import (
     collate_groups,
     pack_groups,
     unpack_groups,
+    whiten_training_batch,
 )
 from eureka_jax.sampler import Sampler, SamplingConfig
 
@@ -122,14 +123,20 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params:
 def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
     """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
 
-    `state_shardings` (of (params, opt_state)) pins the outputs to the inputs' shardings, so the
-    second call does not see new input shardings and compile again."""
+    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
+    'loss'); with placement 'reward' the rollout applied it and the update never sees the
+    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
+    shardings, so the second call does not see new input shardings and compile again."""
+    kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
+    if kl_in_loss != (ref_params is not None):
+        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
+                         "rl.kl_placement == 'loss'")
 
     def loss_fn(params, batch: batching.TrainBatch, loss_scale):
         model = nnx.merge(graphdef, params)
         logp, entropy = batching.response_logprobs(model, batch, with_entropy=True)
         ref_logp = None
-        if ref_params is not None and rl.kl_placement == "loss":
+        if kl_in_loss:
             ref_logp = jax.lax.stop_gradient(
                 batching.response_logprobs(nnx.merge(graphdef, ref_params), batch)[0])
         loss, metrics = grpo.policy_loss(
@@ -177,9 +184,16 @@ def split_minibatches(groups, loop: LoopConfig, group: int, rng: np.random.Gener
 def _empty_group(like: ScoredGroup) -> ScoredGroup:
     zeros = np.zeros_like
     return dataclasses.replace(
-        like, record_id="", tokens_GxL=zeros(like.tokens_GxL), logprobs_GxL=zeros(like.logprobs_GxL),
-        lengths_G=zeros(like.lengths_G), rewards_G=zeros(like.rewards_G),
+        like, record_id="", tokens_GxL=zeros(like.tokens_GxL),
+        logprobs_GxL=zeros(like.logprobs_GxL), lengths_G=zeros(like.lengths_G),
+        rewards_G=zeros(like.rewards_G),
         advantages_G=zeros(like.advantages_G))
+
+
+def step_minibatches(groups, loop: LoopConfig, rl: RLConfig, rng: np.random.Generator):
+    """One step's updates: rl.ppo_epochs passes over the groups, each shuffled afresh."""
+    return [minibatch for _ in range(rl.ppo_epochs)
+            for minibatch in split_minibatches(groups, loop, rl.num_generations, rng)]
 
 
 def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
@@ -235,8 +249,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                                       accumulation)
         opt_state = jax.jit(tx.init)(params)
         ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
+        kl_in_loss = rl.kl_placement == "loss"
         update_step = make_update_step(
-            graphdef, tx, rl, ref_params,
+            graphdef, tx, rl, ref_params if kl_in_loss else None,
             state_shardings=jax.tree.map(lambda x: x.sharding, (params, opt_state)))
 
         # -- Checkpoint: resume if the workdir has one -----------------------------------------
@@ -285,7 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             buckets=buckets, pad_token_id=pad_id, graphdef=graphdef,
             recompute_old_logprobs=not _samples_from_policy(sampling),
             measure_mismatch=config.train_extras.measure_logprob_mismatch,
-            put_on_device=put_on_device)
+            put_on_device=put_on_device, ref_params=None if kl_in_loss else ref_params)
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(
@@ -329,22 +344,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                     log.warning("step %d: the online filter kept %d groups in %d rollouts; "
                                 "training on %d (batch %d)", step, len(fresh), rollout + 1,
                                 len(batch_groups), loop.groups_per_step)
+                batch_groups = whiten_training_batch(batch_groups, rl)
 
                 # Updates: ppo_epochs passes of minibatches, micro-batches accumulated.
                 update_started = time.perf_counter()
                 shuffle_rng = np.random.default_rng([config.seed, step])
                 update_metrics: dict[str, list[float]] = {}
-                for _ in range(rl.ppo_epochs):
-                    for minibatch in split_minibatches(batch_groups, loop, group, shuffle_rng):
-                        for micro, scale in zip(minibatch, micro_loss_scales(minibatch, rl),
-                                                strict=True):
-                            train_batch = put_on_device(collate_groups(micro, buckets, pad_id))
-                            params, opt_state, out = update_step(params, opt_state, train_batch,
-                                                                 jnp.float32(scale))
-                            if scale == 0:  # padding only: no gradient, and no metrics
-                                continue
-                            for key, value in jax.device_get(out).items():
-                                update_metrics.setdefault(key, []).append(float(value))
+                for minibatch in step_minibatches(batch_groups, loop, rl, shuffle_rng):
+                    for micro, scale in zip(minibatch, micro_loss_scales(minibatch, rl),
+                                            strict=True):
+                        train_batch = put_on_device(collate_groups(micro, buckets, pad_id))
+                        params, opt_state, out = update_step(params, opt_state, train_batch,
+                                                             jnp.float32(scale))
+                        if scale == 0:  # padding only: no gradient, and no metrics
+                            continue
+                        for key, value in jax.device_get(out).items():
+                            update_metrics.setdefault(key, []).append(float(value))
                 if update_metrics:
                     _check_finite(step, update_metrics)
                 update_time = time.perf_counter() - update_started

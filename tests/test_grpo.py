@@ -15,6 +15,7 @@ import pytest
 from eureka_jax import grpo
 from eureka_jax.errors import InputError
 from eureka_jax.rl_config import LOSS_KINDS, RLConfig
+from eureka_jax.rollout import ScoredGroup, rollout_advantages, whiten_training_batch
 
 
 @pytest.fixture(params=[True, False], ids=["jit", "eager"])
@@ -38,52 +39,78 @@ def finite_difference_grad(loss_fn, x, step=1e-6):
 REWARDS = np.array([1.5, 0.5, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 0.0, 0.5], np.float32)
 
 
-def np_group_advantages(rewards, group_size, kind, scale_by_std, eps):
+def np_unbiased_std(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def np_group_advantages(rewards, group_size, kind, scale, eps):
+    rewards = [float(r) for r in rewards]
+    batch_std = np_unbiased_std(rewards)  # TRL's rewards.std() over the whole batch
     out = []
     for start in range(0, len(rewards), group_size):
-        group = [float(r) for r in rewards[start : start + group_size]]
+        group = rewards[start : start + group_size]
         mean = sum(group) / group_size
-        unbiased_std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        std = {"group": np_unbiased_std(group), "batch": batch_std, "none": None}[scale]
         for r in group:
             if kind == "rloo":
                 out.append(r - (sum(group) - r) / (group_size - 1))
-            elif scale_by_std:
-                out.append((r - mean) / (unbiased_std + eps))
-            else:
+            elif std is None:
                 out.append(r - mean)
+            else:
+                out.append((r - mean) / (std + eps) if std > 0 else 0.0)
     return np.array(out)
 
 
 @pytest.mark.parametrize(
-    "kind, scale_by_std",
-    [("grpo", True), ("grpo", False), ("rloo", False), ("dr_grpo", False)],
+    "kind, scale",
+    [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "none"),
+     ("dr_grpo", "none")],
 )
-def test_group_advantages_match_numpy(maybe_jit, kind, scale_by_std):
-    fn = maybe_jit(lambda r: grpo.group_advantages(r, 4, kind, scale_by_std, 1e-9))
+@pytest.mark.parametrize("eps", [1e-9, 1e-4, 0.0])
+def test_group_advantages_match_numpy(maybe_jit, kind, scale, eps):
+    fn = maybe_jit(lambda r: grpo.group_advantages(r, 4, kind, scale, eps))
     advantages = np.asarray(fn(jnp.asarray(REWARDS)))
     np.testing.assert_allclose(
-        advantages, np_group_advantages(REWARDS, 4, kind, scale_by_std, 1e-9), rtol=1e-6,
-        atol=1e-6,
+        advantages, np_group_advantages(REWARDS, 4, kind, scale, eps), rtol=1e-6, atol=1e-6,
     )
     np.testing.assert_array_equal(advantages[4:8], 0.0)  # all-equal group: no signal, no nan
     assert advantages.dtype == np.float32
 
 
-@pytest.mark.parametrize("kind, scale_by_std", [("grpo", True), ("rloo", False)])
+@pytest.mark.parametrize("kind, scale", [("grpo", "group"), ("grpo", "batch"), ("rloo", "none")])
 @pytest.mark.parametrize("group_size", [3, 7, 10])
-def test_all_equal_groups_are_exactly_zero(maybe_jit, kind, scale_by_std, group_size):
+@pytest.mark.parametrize("eps", [1e-9, 0.0])
+def test_all_equal_groups_are_exactly_zero(maybe_jit, kind, scale, group_size, eps):
     # float32 group means of 0.1 or 1.5 are off by an ulp for these sizes; dividing that by a
-    # ~0 std must not turn into an advantage.
+    # ~0 std must not turn into an advantage, nor 0 / 0 into nan when eps = 0.
     rewards = np.repeat(np.array([0.1, 1.5, 0.7], np.float32), group_size)
-    fn = maybe_jit(lambda r: grpo.group_advantages(r, group_size, kind, scale_by_std, 1e-9))
+    fn = maybe_jit(lambda r: grpo.group_advantages(r, group_size, kind, scale, eps))
     np.testing.assert_array_equal(fn(jnp.asarray(rewards)), 0.0)
+    # A whole batch of equal rewards: the batch std is 0 as well.
+    same = np.full(2 * group_size, 0.1, np.float32)
+    np.testing.assert_array_equal(fn(jnp.asarray(same)), 0.0)
+
+
+def test_batch_scale_divides_by_one_std_for_all_groups():
+    # Same group deviations, different spread across groups: only the batch std differs.
+    rewards = np.array([0.0, 1.0, 10.0, 11.0], np.float32)
+    group_scaled = grpo.group_advantages(jnp.asarray(rewards), 2, "grpo", "group", 0.0)
+    batch_scaled = grpo.group_advantages(jnp.asarray(rewards), 2, "grpo", "batch", 0.0)
+    np.testing.assert_allclose(group_scaled, [-0.5 / 0.5**0.5, 0.5 / 0.5**0.5] * 2, rtol=1e-6)
+    np.testing.assert_allclose(batch_scaled, np.array([-0.5, 0.5] * 2) / rewards.std(ddof=1),
+                               rtol=1e-6)
 
 
 def test_group_advantages_reject_bad_arguments():
     with pytest.raises(ValueError, match="divide"):
-        grpo.group_advantages(jnp.ones(10), 4, "grpo", True, 1e-9)
+        grpo.group_advantages(jnp.ones(10), 4, "grpo", "group", 1e-9)
     with pytest.raises(ValueError, match="'grpo' advantage only"):
-        grpo.group_advantages(jnp.ones(8), 4, "rloo", True, 1e-9)
+        grpo.group_advantages(jnp.ones(8), 4, "rloo", "group", 1e-9)
+    with pytest.raises(ValueError, match="'grpo' advantage only"):
+        grpo.group_advantages(jnp.ones(8), 4, "dr_grpo", "batch", 1e-9)
+    with pytest.raises(ValueError, match="unknown reward scaling"):
+        grpo.group_advantages(jnp.ones(8), 4, "grpo", "token", 1e-9)
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["token_weighted", "per_sequence"])
@@ -94,6 +121,94 @@ def test_whiten_advantages_match_numpy(maybe_jit, weighted):
     expected = (advantages - tokens.mean()) / max(tokens.var(), 1e-8) ** 0.5
     whitened = maybe_jit(grpo.whiten_advantages)(jnp.asarray(advantages), jnp.asarray(weights))
     np.testing.assert_allclose(whitened, expected, rtol=1e-5, atol=1e-6)
+
+
+def scored_group(advantages, lengths):
+    # The whitening reads only advantages and lengths; the rest is placeholder.
+    g = len(advantages)
+    return ScoredGroup(row=None, record_id="r", tokens_GxL=np.zeros((g, 8), np.int32),
+                       logprobs_GxL=np.zeros((g, 8), np.float32),
+                       lengths_G=np.asarray(lengths, np.int32), rewards_G=np.zeros(g, np.float32),
+                       advantages_G=np.asarray(advantages, np.float32))
+
+
+def test_whiten_training_batch_matches_numpy_over_all_tokens_of_the_step():
+    groups = [scored_group([0.5, -0.5, 1.0], [3, 1, 7]), scored_group([2.0, 0.0, -1.0], [2, 5, 4])]
+    whitened = whiten_training_batch(groups, RLConfig(num_generations=3, whiten_advantages=True))
+    # OpenRLHF: every token of a response carries its advantage; mean and variance over tokens.
+    tokens = [float(a) for grp in groups for a, n in zip(grp.advantages_G, grp.lengths_G,
+                                                           strict=True) for _ in range(n)]
+    mean = sum(tokens) / len(tokens)
+    variance = sum((t - mean) ** 2 for t in tokens) / len(tokens)
+    for before, after in zip(groups, whitened, strict=True):
+        expected = [(a - mean) / max(variance, 1e-8) ** 0.5 for a in before.advantages_G]
+        np.testing.assert_allclose(after.advantages_G, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(after.lengths_G, before.lengths_G)
+    assert whiten_training_batch(groups, RLConfig(num_generations=3)) == groups
+    assert whiten_training_batch([], RLConfig(whiten_advantages=True)) == []
+
+
+def np_rollout_advantages(rl, rewards, accuracy, lengths, truncated, logp, ref):
+    """rewards -> KL penalty -> group advantages -> ADORA -> filter, with loops."""
+    rewards = [float(r) for r in rewards]
+    penalties = []
+    if rl.kl_coef > 0 and rl.kl_placement == "reward":
+        penalties = [rl.kl_coef * sum(np_kl(float(logp[n, t]), float(ref[n, t]), rl.kl_estimator)
+                                      for t in range(lengths[n]))
+                     for n in range(len(rewards))]
+        rewards = [r - p for r, p in zip(rewards, penalties, strict=True)]
+    advantages = np_group_advantages(rewards, rl.num_generations, rl.advantage,
+                                     rl.scale_rewards, rl.adv_eps)
+    if rl.adora_enabled:
+        advantages = np_adora_scale(advantages, np.asarray(accuracy) > 0.5, lengths, truncated,
+                                    rl.num_generations, rl.adora_factor)
+    keep = []
+    for start in range(0, len(rewards), rl.num_generations):
+        mean_accuracy = sum(accuracy[start : start + rl.num_generations]) / rl.num_generations
+        keep.append(not rl.filter_enabled or rl.filter_low <= mean_accuracy <= rl.filter_high)
+    return advantages, keep, penalties
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RLConfig(num_generations=4, kl_coef=0.1, kl_placement="reward", kl_estimator="k1"),
+        RLConfig(num_generations=4, kl_coef=0.05, kl_placement="reward", scale_rewards="batch",
+                 adora_enabled=True),
+        RLConfig(num_generations=4, kl_coef=0.2, kl_placement="reward", kl_estimator="k2",
+                 advantage="rloo", scale_rewards="none", filter_enabled=False),
+        RLConfig(num_generations=4, kl_coef=0.1, scale_rewards="batch"),  # KL in the loss
+    ],
+    ids=["kl_reward_k1", "kl_reward_batch_adora", "kl_reward_rloo", "kl_loss_batch"],
+)
+def test_rollout_advantages_match_numpy(cfg):
+    rng = np.random.default_rng(3)
+    accuracy = np.array([1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0], np.float32)
+    rewards = accuracy + 0.5 * np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1], np.float32)
+    lengths = np.array([5, 2, 3, 6, 1, 4, 6, 2, 3, 3, 6, 5], np.int32)
+    truncated = lengths == 6
+    logp = rng.uniform(-3, -0.1, (12, 6)).astype(np.float32)
+    ref = (logp + rng.uniform(-0.5, 0.5, (12, 6))).astype(np.float32)
+    logp[np.arange(6)[None, :] >= lengths[:, None]] = np.nan  # padding must not count
+
+    scored = rollout_advantages(cfg, rewards, accuracy, lengths, truncated, logp, ref)
+    advantages, keep, penalties = np_rollout_advantages(cfg, rewards, accuracy, lengths,
+                                                        truncated, logp, ref)
+    np.testing.assert_allclose(scored.advantages_N, advantages, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(scored.keep_P, keep)
+    assert scored.metrics["filter/kept_fraction"] == np.mean(keep)
+    if penalties:
+        np.testing.assert_allclose(scored.metrics["kl/reward_penalty"], np.mean(penalties),
+                                   rtol=1e-5)
+        assert scored.advantages_N.dtype == np.float32
+    else:
+        assert "kl/reward_penalty" not in scored.metrics
+
+
+def test_rollout_advantages_need_log_probs_for_kl_in_reward():
+    cfg = RLConfig(num_generations=2, kl_coef=0.1, kl_placement="reward")
+    with pytest.raises(ValueError, match="ref_logp_NxL"):
+        rollout_advantages(cfg, np.ones(4), np.ones(4), np.ones(4, np.int32), np.zeros(4, bool))
 
 
 @pytest.mark.parametrize(
@@ -247,12 +362,13 @@ def np_policy_loss(logp, old, ref, entropy, cfg, logp_for_drift):
     metrics = {
         "pg_loss": np_reduce(pg, cfg),
         "kl": np_reduce(kl, cfg),
-        "entropy": np_reduce(ent, cfg),
+        # The metric is the plain token mean; the bonus in the loss is reduced like the policy term.
+        "entropy": np.mean([e for sequence in ent for e in sequence]),
         "clip_fraction": np.mean(clipped),
         "ratio_mean": np.mean(ratios),
         "approx_kl": np.mean(approx_kl),
     }
-    metrics["loss"] = metrics["pg_loss"] - cfg.entropy_coef * metrics["entropy"]
+    metrics["loss"] = metrics["pg_loss"] - cfg.entropy_coef * np_reduce(ent, cfg)
     if cfg.kl_placement == "loss":
         metrics["loss"] += cfg.kl_coef * metrics["kl"]
     return metrics
@@ -263,7 +379,7 @@ POLICY_CONFIGS = {
     "grpo_no_cap": RLConfig(ratio_cap=None),
     "dapo": RLConfig(loss="dapo", clip_eps_high=0.28),
     "dr_grpo": RLConfig(
-        loss="dr_grpo", advantage="dr_grpo", scale_rewards_by_std=False, max_response_length=8
+        loss="dr_grpo", advantage="dr_grpo", scale_rewards="none", max_response_length=8
     ),
     "gspo": RLConfig(loss="gspo"),
     "gspo_paper_eps": RLConfig(loss="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
@@ -275,8 +391,12 @@ POLICY_CONFIGS = {
     "gspo_k3": RLConfig(loss="gspo", kl_coef=0.05),
     "cpgd_k3": RLConfig(loss="cpgd", kl_coef=0.05),
     "dr_grpo_k2": RLConfig(
-        loss="dr_grpo", advantage="dr_grpo", scale_rewards_by_std=False, max_response_length=8,
+        loss="dr_grpo", advantage="dr_grpo", scale_rewards="none", max_response_length=8,
         kl_coef=0.1, kl_estimator="k2",
+    ),
+    "dr_grpo_entropy": RLConfig(
+        loss="dr_grpo", advantage="dr_grpo", scale_rewards="none", max_response_length=8,
+        entropy_coef=0.05,
     ),
     "kl_in_reward": RLConfig(kl_coef=0.1, kl_placement="reward"),
 }
@@ -311,6 +431,17 @@ def test_policy_loss_values_metrics_and_gradients(maybe_jit, name):
     np.testing.assert_array_equal(np.asarray(grad)[~MASK], 0.0)
 
 
+def test_entropy_metric_is_the_token_mean_under_every_loss():
+    _, old, _, entropy = make_batch()
+    logp, _, _, _ = make_batch()
+    valid = [float(entropy[b, t]) for b, t in zip(*np.nonzero(MASK), strict=True)]
+    for loss in LOSS_KINDS:
+        cfg = RLConfig(loss=loss, max_response_length=8, entropy_coef=0.1)
+        _, metrics = grpo.policy_loss(logp, old, ADVANTAGES, MASK, cfg, entropy_BxT=entropy)
+        np.testing.assert_allclose(metrics["entropy"], sum(valid) / len(valid), rtol=1e-6,
+                                   err_msg=loss)
+
+
 def test_ratio_cap_removes_gradient_of_negative_advantage_tokens():
     # Token (1, 0) has ratio e^1.5 > 3 and A < 0: the cap, not the clip, decides its gradient.
     logp, old, _, _ = make_batch()
@@ -336,7 +467,7 @@ def test_policy_loss_rejects_missing_inputs():
         grpo.policy_loss(logp, old, ADVANTAGES, MASK, RLConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="max_response_length"):
         grpo.policy_loss(logp, old, ADVANTAGES, MASK, RLConfig(loss="dr_grpo",
-                         max_response_length=4, scale_rewards_by_std=False, advantage="dr_grpo"))
+                         max_response_length=4, scale_rewards="none", advantage="dr_grpo"))
 
 
 def test_every_configurable_loss_is_registered():
@@ -416,9 +547,16 @@ def test_config_round_trips_through_config_dict():
         ({"num_generations": 8.0}, "rl.num_generations must be int"),
         ({"loss": "ppo"}, "rl.loss must be one of"),
         ({"kl_estimator": "k4"}, "rl.kl_estimator must be one of"),
-        ({"advantage": "rloo"}, "rl.scale_rewards_by_std must be False with rl.advantage='rloo'"),
+        ({"advantage": "rloo"}, "rl.scale_rewards must be 'none' with rl.advantage='rloo'"),
+        ({"advantage": "dr_grpo", "scale_rewards": "batch"},
+         "rl.scale_rewards must be 'none' with rl.advantage='dr_grpo' (got 'batch')"),
+        ({"scale_rewards": "token"}, "rl.scale_rewards must be one of"),
+        ({"scale_rewards": "batch", "whiten_advantages": True},
+         "rl.scale_rewards must be 'group' or 'none' with rl.whiten_advantages=True"),
         ({"clip_eps_low": 1.0}, "rl.clip_eps_low must be in [0, 1)"),
-        ({"ratio_cap": 1.0}, "rl.ratio_cap must be > 1 or None"),
+        ({"ratio_cap": 1.0}, "rl.ratio_cap must be > 1 + rl.clip_eps_high = 1.2, or None"),
+        ({"ratio_cap": 1.28, "clip_eps_high": 0.28},
+         "rl.ratio_cap must be > 1 + rl.clip_eps_high = 1.28, or None (got 1.28)"),
         ({"kl_coef": -0.1}, "rl.kl_coef must be >= 0"),
         ({"filter_low": 0.5, "filter_high": 0.4}, "rl.filter_high must be in [rl.filter_low=0.5"),
         ({"filter_enabled": 1}, "rl.filter_enabled must be bool"),

@@ -197,3 +197,16 @@ def test_eval_command_on_a_run(setup, one_step_run, tmp_path):
     results = json.loads(output.read_text())
     assert results["num_examples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
     assert all(len(item["completions"]) == 1 for item in results["items"])
+
+
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_kl_runs_where_its_placement_says(setup, tmp_path, placement):
+    # The reference is the initial policy, so after one step's rollout the KL is ~0; what is
+    # checked is where it is computed: the rollout's reward penalty or the update's loss term.
+    config = smoke_config(setup, **{"train.num_steps": 1, "rl.kl_coef": 0.05,
+                                    "rl.kl_placement": placement, "rl.whiten_advantages": True})
+    config.eval.data = ""
+    metrics = by_step_after(train, config, tmp_path)[1]
+    assert ("kl/reward_penalty" in metrics) == (placement == "reward")
+    assert ("kl" in metrics) == (placement == "loss")
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
