@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_extras = ml_collections.ConfigDict({
         "measure_logprob_mismatch": True,
         "progress_bar": True,
+        # "shuffled": train on rewards permuted across the rollout (a control run: same reward
+        # mean, no information); metrics still report the true rewards. See rollout.py.
+        "reward_control": "none",
     })
     c.optim = ml_collections.ConfigDict({
         "lr": 1e-6,

@@ -27,6 +27,7 @@ from eureka_jax.batching import (
     collate_prompts,
     response_logprobs,
 )
+from eureka_jax.errors import InputError
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.sampler import FINISH_LENGTH, PromptBatch, SampleOutput, decode_texts
 
@@ -180,6 +181,22 @@ def whiten_training_batch(groups: Sequence[ScoredGroup], rl: RLConfig) -> list[S
             for grp, start, end in zip(groups, bounds[:-1], bounds[1:], strict=True)]
 
 
+# "shuffled": the control run for the claim that learning comes from the reward. Each response
+# gets the reward of a random other response of its rollout: the same mean and distribution of
+# rewards, no information about what was answered.
+REWARD_CONTROLS = ("none", "shuffled")
+
+
+def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray, seed: int):
+    """(rewards, accuracy) that training sees: as scored, or with "shuffled" one random
+    permutation of the rollout applied to both (a response's reward and accuracy stay paired, so
+    the online filter sees a consistent, uninformative score)."""
+    if control == "none":
+        return rewards_N, accuracy_N
+    order_N = np.random.default_rng([seed, 0xC0]).permutation(len(rewards_N))
+    return rewards_N[order_N], accuracy_N[order_N]
+
+
 class RolloutWorker:
     """Runs one rollout: sample -> (rewards on the pool || teacher-forced forwards) -> groups.
 
@@ -187,7 +204,8 @@ class RolloutWorker:
 
     def __init__(self, *, sampler, reward_pool, tokenizer, rl: RLConfig, buckets: Buckets,
                  pad_token_id: int, graphdef, recompute_old_logprobs: bool,
-                 measure_mismatch: bool, put_on_device, ref_params=None):
+                 measure_mismatch: bool, put_on_device, ref_params=None,
+                 reward_control: str = "none"):
         if (ref_params is not None) != (rl.kl_coef > 0 and rl.kl_placement == "reward"):
             raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
                              "rl.kl_placement == 'reward'")
@@ -201,6 +219,10 @@ class RolloutWorker:
         self.measure_mismatch = measure_mismatch or recompute_old_logprobs
         self.put_on_device = put_on_device
         self.ref_params = ref_params
+        if reward_control not in REWARD_CONTROLS:
+            raise InputError(f"train_extras.reward_control must be one of {REWARD_CONTROLS} "
+                             f"(got {reward_control!r})")
+        self.reward_control = reward_control
         from flax import nnx
 
         def forward_logprobs(params, batch):
@@ -260,8 +282,12 @@ class RolloutWorker:
             if self.recompute_old_logprobs:
                 logprobs = np.where(mask, forward_logp, 0.0)
 
+        # The metrics above are the true rewards; with the control on, training sees each
+        # response's reward and accuracy moved to another response of the rollout.
+        train_rewards, train_accuracy = control_rewards(self.reward_control, rewards, accuracy,
+                                                        seed)
         scored = rollout_advantages(
-            self.rl, rewards, accuracy, lengths, finish == FINISH_LENGTH, logprobs,
+            self.rl, train_rewards, train_accuracy, lengths, finish == FINISH_LENGTH, logprobs,
             None if ref_logp is None else np.asarray(ref_logp))
         metrics.update(scored.metrics)
         groups = []

@@ -300,7 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             buckets=buckets, pad_token_id=pad_id, graphdef=graphdef,
             recompute_old_logprobs=not _samples_from_policy(sampling),
             measure_mismatch=config.train_extras.measure_logprob_mismatch,
-            put_on_device=put_on_device, ref_params=None if kl_in_loss else ref_params)
+            put_on_device=put_on_device, ref_params=None if kl_in_loss else ref_params,
+            reward_control=config.train_extras.reward_control)
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(
