@@ -187,8 +187,9 @@ class TrainBatch:
     advantages_B: jax.Array  # float32
 
 
-def response_logprobs(model, batch: TrainBatch, *, with_entropy: bool = False):
-    """Teacher-forced float32 log-probs (and entropies) of the response tokens, [B, L].
+def response_logits(model, batch: TrainBatch) -> jax.Array:
+    """Teacher-forced logits [B, L, V] (compute dtype) at the positions that predict the
+    response tokens, in one causal pass over prompt + response.
 
     The vision tower runs once per unique prompt; its features are gathered per response.
     """
@@ -211,7 +212,12 @@ def response_logprobs(model, batch: TrainBatch, *, with_entropy: bool = False):
     x = model.embed(tokens, features, sources)
     hidden, _ = model.decode(x, positions, mask.astype(bool))
     # Position t-1+i predicts response token i.
-    logits_BxLxV = model.logits(hidden[:, t - 1: t - 1 + length])
+    return model.logits(hidden[:, t - 1: t - 1 + length])
+
+
+def response_logprobs(model, batch: TrainBatch, *, with_entropy: bool = False):
+    """Teacher-forced float32 log-probs (and entropies) of the response tokens, [B, L]."""
+    logits_BxLxV = response_logits(model, batch)
     logp_BxL = token_logprobs(logits_BxLxV, batch.response_tokens_BxL)
     entropy_BxL = token_entropy(logits_BxLxV) if with_entropy else None
     return logp_BxL, entropy_BxL
