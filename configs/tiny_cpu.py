@@ -34,14 +34,17 @@ def get_config(arg: str | None = None):
     config.rl.max_response_length = 16
     config.rl.loss = "grpo"
 
-    config.train.num_steps = 100
+    config.train.num_steps = 60
+    # Every group a rollout keeps is trained, in one update of up to 16 x 8 sequences (a partial
+    # batch is padded). Updates of 64 sequences on last step's leftovers let GRPO collapse pairs
+    # of colours onto one answer on some seeds (measured, issue 10).
     config.train.prompts_per_rollout = 16
-    config.train.groups_per_step = 8
-    config.train.minibatch_size = 64
-    config.train.micro_batch_size = 64
-    # As the policy improves most groups become all-correct and are filtered out; cap the
-    # resampling so a step stays short (the update then uses the full minibatches it has).
-    config.train.max_rollouts_per_step = 4
+    config.train.groups_per_step = 16
+    config.train.minibatch_size = 128
+    config.train.micro_batch_size = 128
+    # One rollout per step: as the policy improves most groups become all-correct and are
+    # filtered out; the update then trains the few that are left.
+    config.train.max_rollouts_per_step = 1
 
     config.optim.lr = 1e-3
     config.optim.warmup_fraction = 0.05
@@ -51,7 +54,7 @@ def get_config(arg: str | None = None):
     config.rewards.num_workers = 1
 
     config.eval.data = ""
-    config.eval.every = 25
+    config.eval.every = 10
     config.eval.max_examples = 64
     config.eval.batch_size = 32
 

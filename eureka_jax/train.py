@@ -341,7 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                         metrics.setdefault(key, []).append(float(value))
                 batch_groups, carried, counts = assemble_batch(fresh, carried,
                                                                loop.groups_per_step)
-                if len(batch_groups) < loop.groups_per_step:
+                if len(batch_groups) < loop.groups_per_step and loop.max_rollouts_per_step > 1:
                     log.warning("step %d: the online filter kept %d groups in %d rollouts; "
                                 "training on %d (batch %d)", step, len(fresh), rollout + 1,
                                 len(batch_groups), loop.groups_per_step)

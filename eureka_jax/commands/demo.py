@@ -11,10 +11,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grpo-steps", type=int, default=None)
+    parser.add_argument("--reward-control", choices=("none", "shuffled"), default="none",
+                        help="shuffled: the control run, GRPO on rewards permuted across each "
+                             "rollout (same mean, no information)")
+    parser.add_argument("--cache-phases", type=int, default=None,
+                        help="override sampling.cache_phases (the KV buffer's growth phases)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     from eureka_jax.demo import run_demo
 
-    summary = run_demo(args.workdir, seed=args.seed, grpo_steps=args.grpo_steps)
+    overrides = {}
+    if args.cache_phases is not None:
+        overrides["sampling.cache_phases"] = args.cache_phases
+    summary = run_demo(args.workdir, seed=args.seed, grpo_steps=args.grpo_steps,
+                       reward_control=args.reward_control, config_overrides=overrides,
+                       show_progress=not args.no_progress)
     before, after = summary["eval_accuracy_before"], summary["eval_accuracy_after"]
     print(f"\nheld-out accuracy: {before:.3f} before GRPO -> {after:.3f} after "
           f"({100 * (after - before):+.1f} points) in {summary['seconds']:.0f} s")
