@@ -1,4 +1,7 @@
-"""`eureka-jax COMMAND [flags]`: dispatches to eureka_jax.commands.<module>.main(argv)."""
+"""`eureka-jax COMMAND [flags]`: dispatches to eureka_jax.commands.<module>.main(argv).
+
+`main` returns the exit status, also for argparse's --help and usage errors (which raise
+SystemExit), so a test or notebook can call it like any function."""
 
 from __future__ import annotations
 
@@ -38,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eureka-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"eureka_jax.commands.{COMMANDS[name][0]}")
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as exit_:  # argparse exits after --help (0) and after a bad flag (2)
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        raise
 
 
 if __name__ == "__main__":

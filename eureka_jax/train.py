@@ -30,6 +30,7 @@ from flax import nnx
 
 from eureka_jax import batching, grpo, hf_io, sharding
 from eureka_jax.checkpointing import Checkpointer, abstract_like, pack_arrays, unpack_arrays
+from eureka_jax.configs_common import validate_config
 from eureka_jax.data import PipelineConfig, make_pipeline, open_source
 from eureka_jax.errors import InputError
 from eureka_jax.evaluation import Evaluator, make_preprocess
@@ -63,29 +64,6 @@ class LoopConfig:
     minibatch_size: int  # sequences per optimizer update
     micro_batch_size: int  # sequences per forward/backward (gradient accumulation)
     max_rollouts_per_step: int = 8  # give up filling a batch after this many rollouts
-
-    def validate(self, group: int) -> None:
-        for name in ("num_steps", "prompts_per_rollout", "groups_per_step", "minibatch_size",
-                     "micro_batch_size", "max_rollouts_per_step"):
-            if getattr(self, name) < 1:
-                raise InputError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.minibatch_size % group or self.micro_batch_size % group:
-            raise InputError(f"train.minibatch_size and train.micro_batch_size must be multiples "
-                             f"of rl.num_generations={group}: a group stays in one minibatch")
-        if (self.groups_per_step * group) % self.minibatch_size:
-            raise InputError("train.groups_per_step * rl.num_generations must be a multiple of "
-                             "train.minibatch_size")
-        if self.groups_per_step < self.prompts_per_rollout:
-            # A rollout of P prompts can keep P groups; a smaller batch would train last step's
-            # leftovers and drop fresh groups unused (the demo once trained 8 of 100 batches
-            # on fresh data this way).
-            raise InputError(
-                f"train.groups_per_step ({self.groups_per_step}) must be >= "
-                f"train.prompts_per_rollout ({self.prompts_per_rollout}): a step must be able to "
-                "train every group its rollout keeps; raise groups_per_step (more updates per "
-                "step through minibatch_size) or lower prompts_per_rollout")
-        if self.minibatch_size % self.micro_batch_size:
-            raise InputError("train.minibatch_size must be a multiple of train.micro_batch_size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +192,12 @@ def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's metrics."""
+    validate_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     rl = RLConfig.from_dict(config.rl)
     loop = LoopConfig(**config.train)
-    loop.validate(rl.num_generations)
     group = rl.num_generations
 
     # -- Mesh and model ------------------------------------------------------------------------

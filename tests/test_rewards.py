@@ -19,6 +19,7 @@ from eureka_jax.rewards.choice import chosen_letters, gold_letter
 from eureka_jax.rewards.extract import boxed_contents
 from eureka_jax.rewards.fast import fast_verdict, interval, linear_form, plain_number
 from eureka_jax.rewards.guard import unsafe_reason
+from eureka_jax.rewards.inequality import as_intervals
 from eureka_jax.rewards.timer import ItemTimeout, time_limit
 
 GOOD = "<think>because</think><answer>{}</answer>"
@@ -131,6 +132,29 @@ def test_plain_numbers_interval_linear_forms():
     assert linear_form("3x - \\frac{1}{2}y + 4") == {"x": 3, "y": Fraction(-1, 2), "": 4}
     assert linear_form("2^x") is None
     assert linear_form("xy") is None
+
+
+@pytest.mark.parametrize("text, intervals", [
+    ("x<2", ("(-\\infty, 2)", "x")),
+    ("2 \\geq x", ("(-\\infty, 2]", "x")),
+    ("x\\geqslant-1", ("[-1, \\infty)", "x")),
+    ("-1 < x \\leq 3", ("(-1, 3]", "x")),
+    ("3 \\ge t > 1", ("(1, 3]", "t")),
+    ("x \\le \\frac{\\pi}{2}", ("(-\\infty, \\frac{\\pi}{2}]", "x")),
+    ("x < 1 \\quad \\text{or} \\quad x \\ge 3", ("(-\\infty, 1) \\cup [3, \\infty)", "x")),
+    ("\\left\\{x \\mid x > 0\\right\\}", ("(0, \\infty)", "x")),
+])
+def test_inequalities_become_intervals(text, intervals):
+    assert as_intervals(text) == intervals
+
+
+@pytest.mark.parametrize("text", [
+    "(1, 3)", "x = 2", "x \\neq 2", "x < y", "2x < 4", "x < 2x - 1", "1 < x > 3", "e < 3",
+    "x > 1 \\text{ and } x < 3", "x < 1, x > 3", "x < 1 \\text{ or } y > 3", "x < \\max(1, 2)",
+    "\\{y \\mid x < 2\\}", "x < 1 < 2 < 3",
+])
+def test_other_relations_are_left_alone(text):
+    assert as_intervals(text) is None
 
 
 def test_fast_verdict_leaves_the_rounding_band_to_math_verify():

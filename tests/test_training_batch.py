@@ -2,10 +2,13 @@
 first, the previous step's surplus only to fill, partial minibatches padded with empty groups that
 count nowhere, and configs that would train stale leftovers refused. Also the reward control."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from eureka_jax.batching import PromptRow
+from eureka_jax.configs_common import load_config_file, validate_config
 from eureka_jax.errors import InputError
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import ScoredGroup, control_rewards
@@ -18,6 +21,7 @@ from eureka_jax.train import (
 )
 
 G = 4
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_group(name: str, length: int = 3) -> ScoredGroup:
@@ -88,11 +92,22 @@ def test_ppo_epochs_reshuffle_every_group_once_per_epoch():
 
 
 def test_a_step_smaller_than_its_rollout_is_refused():
-    loop = LoopConfig(num_steps=1, prompts_per_rollout=16, groups_per_step=8, minibatch_size=64,
-                      micro_batch_size=64)
+    config = load_config_file(ROOT / "configs" / "tiny_cpu.py")
+    config.model.path, config.data.train = "model", "train.jsonl"
+    validate_config(config)
+    config.train.groups_per_step = 8
+    config.train.minibatch_size = 64
     with pytest.raises(InputError, match="train.groups_per_step .8. must be >= "
                                          "train.prompts_per_rollout .16."):
-        loop.validate(8)
+        validate_config(config)
+
+
+def test_reward_control_is_validated():
+    config = load_config_file(ROOT / "configs" / "tiny_cpu.py")
+    config.model.path, config.data.train = "model", "train.jsonl"
+    config.train_extras.reward_control = "random"
+    with pytest.raises(InputError, match="train_extras.reward_control"):
+        validate_config(config)
 
 
 def test_shuffled_reward_control_keeps_the_rewards_and_their_pairing():

@@ -3,15 +3,21 @@ PNG images, readable by every eureka-jax command."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from eureka_jax.commands import argument_parser
 from eureka_jax.data.convert import convert
 from eureka_jax.errors import InputError
 
+EXAMPLES = (
+    "eureka-jax convert --input mmk12/train.parquet --output data/mmk12",
+    "eureka-jax convert --input hf_saved_dataset --split test --output data/mmk12_test "
+    "--skip-bad-records",
+)
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax convert", description=__doc__)
+    parser = argument_parser("convert", __doc__, EXAMPLES)
     parser.add_argument("--input", required=True,
                         help="a .parquet file (MMK12 style), a HF save_to_disk dir or a jsonl")
     parser.add_argument("--output", required=True, help="output directory")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from eureka_jax.commands import argument_parser
+
+EXAMPLES = (
+    "eureka-jax demo",
+    "eureka-jax demo --workdir runs/demo2 --seed 1 --grpo-steps 50",
+    "eureka-jax demo --workdir runs/control --reward-control shuffled",
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax demo", description=__doc__)
-    parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grpo-steps", type=int, default=None)
+    parser = argument_parser("demo", __doc__, EXAMPLES)
+    parser.add_argument("--workdir", default="runs/demo",
+                        help="data, models, checkpoints, metrics and curves go here")
+    parser.add_argument("--seed", type=int, default=0, help="data, initialisation and sampling")
+    parser.add_argument("--grpo-steps", type=int, default=None,
+                        help="GRPO steps (default: configs/tiny_cpu.py's train.num_steps)")
     parser.add_argument("--reward-control", choices=("none", "shuffled"), default="none",
                         help="shuffled: the control run, GRPO on rewards permuted across each "
                              "rollout (same mean, no information)")

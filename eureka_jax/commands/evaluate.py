@@ -4,14 +4,21 @@ same reward code as training."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from eureka_jax.commands import argument_parser
+
+EXAMPLES = (
+    "eureka-jax eval --model runs/tiny --data runs/demo/data/eval.jsonl --output results.json",
+    "eureka-jax eval --model Qwen/Qwen2.5-VL-7B-Instruct --data mmk12/test.jsonl --output "
+    "pass8.json --num-samples 8 --temperature 1.0",
+)
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax eval", description=__doc__)
+    parser = argument_parser("eval", __doc__, EXAMPLES)
     parser.add_argument("--model", required=True,
                         help="HF directory / hub id, or a training run / checkpoint")
     parser.add_argument("--data", required=True, help="jsonl / parquet / HF datasets directory")

@@ -3,12 +3,19 @@ a Hugging Face directory (config.json, safetensors, tokenizer files) that transf
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from eureka_jax.commands import argument_parser
+
+EXAMPLES = (
+    "eureka-jax export --checkpoint runs/tiny --output runs/tiny/hf",
+    "eureka-jax export --checkpoint runs/7b/checkpoints/120 --output hf/mmeureka-7b --dtype "
+    "bfloat16",
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax export", description=__doc__)
+    parser = argument_parser("export", __doc__, EXAMPLES)
     parser.add_argument("--checkpoint", required=True,
                         help="run workdir (latest step) or WORKDIR/checkpoints/STEP")
     parser.add_argument("--output", required=True)

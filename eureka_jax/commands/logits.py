@@ -10,14 +10,19 @@ positions hold meaningless values, as in transformers).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from eureka_jax.commands import argument_parser
 from eureka_jax.errors import InputError
+
+EXAMPLES = (
+    "eureka-jax logits --model hf/qwen2_5_vl_3b --inputs in.npz --output out.npz --dtype "
+    "bfloat16 --mesh 1,4,1",
+)
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -61,8 +66,7 @@ def logits_for(model_dir: str, arrays: dict[str, np.ndarray], *, dtype: str = "f
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax logits", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("logits", __doc__, EXAMPLES)
     parser.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL directory")
     parser.add_argument("--inputs", required=True, help="npz of HF processor arrays")
     parser.add_argument("--output", required=True, help="npz to write (key 'logits')")

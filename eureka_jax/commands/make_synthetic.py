@@ -3,13 +3,18 @@ colour, add) as MM-Eureka jsonl + PNG images; deterministic given --seed."""
 
 from __future__ import annotations
 
-import argparse
-
+from eureka_jax.commands import argument_parser
 from eureka_jax.data.synthetic import DIFFICULTIES, TASKS, make_synthetic
+
+EXAMPLES = (
+    "eureka-jax make-synthetic --output data/synthetic",
+    "eureka-jax make-synthetic --output data/hard --num-train 5000 --tasks count,add "
+    "--difficulty hard",
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax make-synthetic", description=__doc__)
+    parser = argument_parser("make-synthetic", __doc__, EXAMPLES)
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-eval", type=int, default=200)

@@ -17,14 +17,20 @@ same seed gives the same tokens, on any mesh.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from eureka_jax.commands import argument_parser
 from eureka_jax.errors import InputError
+
+EXAMPLES = (
+    "eureka-jax sample --model hf/qwen2_5_vl_3b --prompt 'What is 2+3?' --num-samples 4",
+    "eureka-jax sample --model hf/qwen2_5_vl_3b --prompt 'How many circles?' --image "
+    "shapes.png --greedy --json",
+)
 
 
 def load_prompts(model_dir: str, *, prompt: str | None = None, images: Sequence[str] = (),
@@ -86,8 +92,7 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("sample", __doc__, EXAMPLES)
     parser.add_argument("--model", required=True,
                         help="Hugging Face Qwen2.5-VL directory with tokenizer/processor files")
     source = parser.add_mutually_exclusive_group(required=True)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from eureka_jax.commands import argument_parser
 from eureka_jax.errors import InputError
 from eureka_jax.rewards import RewardConfig, RewardResult, score_batch, summarize
 
@@ -39,11 +40,15 @@ _FLAG_FIELDS = {
 }
 
 
+EXAMPLES = (
+    "eureka-jax score --input completions.jsonl --output scored.jsonl",
+    "eureka-jax score --input completions.jsonl --config configs/qwen2_5_vl_7b_mmeureka.py "
+    "--overlong ramp --max-length 4096 --overlong-buffer 512 --workers 4",
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eureka-jax score", description=__doc__.split("\n\n")[0].strip('"'),
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
-    )
+    p = argument_parser("score", __doc__, EXAMPLES)
     p.add_argument("--input", required=True, type=Path, help="jsonl with completion and answer")
     p.add_argument("--output", type=Path, help="jsonl to write (input fields + scores)")
     p.add_argument("--config", type=Path, help="Python file with get_config() -> reward settings")

@@ -9,18 +9,23 @@ exceeds --tolerance (for bfloat16, pass a loose one such as 0.1). Needs torch (t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from eureka_jax.commands import argument_parser
 from eureka_jax.errors import InputError
 
 REPORTED = ("max_abs_diff", "rel_diff", "greedy_agree")
 
 
+EXAMPLES = (
+    "eureka-jax verify-port --model hf/qwen2_5_vl_3b",
+    "eureka-jax verify-port --model hf/qwen2_5_vl_3b --dtype bfloat16 --tolerance 0.1",
+)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eureka-jax verify-port", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("verify-port", __doc__, EXAMPLES)
     parser.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL directory")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="parameter and compute dtype of the port (transformers: float32)")

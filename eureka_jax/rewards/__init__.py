@@ -1,9 +1,10 @@
 """Rule rewards for GRPO: math answer accuracy, format, composition, and a timed process pool.
 
-Scoring (plain functions over strings): accuracy.py (extract.py, choice.py, math_equal.py,
-guard.py), format.py. Composition and configuration: compose.py. Running them in parallel with a
-time limit per item: pool.py (timer.py). The trainer calls `RewardPool` (asynchronous) or
-`score_batch` (synchronous); `eureka-jax score` wraps `score_batch` for jsonl files.
+Scoring (plain functions over strings): accuracy.py (extract.py, choice.py, math_equal.py with
+fast.py and inequality.py, guard.py), format.py. Composition and configuration: compose.py. Running
+them in parallel with a time limit per item: pool.py (timer.py). The trainer calls `RewardPool`
+(asynchronous) or `score_batch` (synchronous); `eureka-jax score` wraps `score_batch` for jsonl
+files.
 """
 
 from eureka_jax.rewards.accuracy import Verdict, accuracy_reward, check_ground_truth, judge

@@ -66,19 +66,25 @@ class RewardConfig:
     guards: bool = True
 
     def __post_init__(self):
+        # Named as the training config names them (config.rewards; eureka-jax score --config).
         for name in ("accuracy_weight", "format_weight", "overlong_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise InputError(f"RewardConfig.{name} must be a finite number")
+                raise InputError(f"rewards.{name} must be a finite number "
+                                 f"(got {getattr(self, name)!r})")
         if self.overlong not in OVERLONG_MODES:
-            raise InputError(f"RewardConfig.overlong must be one of {OVERLONG_MODES}")
+            raise InputError(f"rewards.overlong must be one of {OVERLONG_MODES} "
+                             f"(got {self.overlong!r})")
         if self.overlong != "none" and not (self.max_length and self.max_length > 0):
-            raise InputError("RewardConfig.overlong needs max_length (the response token limit)")
+            raise InputError("rewards.overlong needs max_length (the response token limit)")
         if self.overlong == "ramp" and not 0 < self.overlong_buffer < self.max_length:
-            raise InputError("RewardConfig.overlong='ramp' needs 0 < overlong_buffer < max_length")
+            raise InputError(f"rewards.overlong='ramp' needs 0 < rewards.overlong_buffer < "
+                             f"max_length={self.max_length} (got {self.overlong_buffer})")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise InputError("RewardConfig.timeout_s must be a positive number of seconds")
+            raise InputError(f"rewards.timeout_s must be a positive number of seconds "
+                             f"(got {self.timeout_s!r})")
         if self.num_workers < 0:
-            raise InputError("RewardConfig.num_workers must be >= 0 (0: score in-process)")
+            raise InputError(f"rewards.num_workers must be >= 0 (got {self.num_workers}; 0: "
+                             "score in-process)")
         pairs = tuple((str(path), float(weight)) for path, weight in self.user_functions)
         for path, weight in pairs:
             if path.count(":") != 1 or not all(path.split(":")) or not math.isfinite(weight):

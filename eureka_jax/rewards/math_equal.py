@@ -4,9 +4,11 @@ math-verify (LaTeX -> sympy through latex2sympy2_extended, then numeric, symboli
 and relation comparison) does the heavy lifting. This module adds the normalisation users expect
 and it misses: thousands separators ("1\\,234", "1{,}234"), trailing units when the gold has none
 ("12 cm^2", "5 \\text{meters}"), degree signs ("30°"), "and"/"or" lists, leading phrases ("The
-answer is"). Nothing here evaluates text as code; math-verify's own timeouts are switched off
-(they use SIGALRM, which only works in a main thread and would clobber ours) and the caller bounds
-the time instead (see timer.py and pool.py).
+answer is"), inequalities against intervals in either order (inequality.py rewrites an inequality
+as the interval it describes; math-verify alone accepts only an inequality gold). Nothing here
+evaluates text as code; math-verify's own timeouts are switched off (they use SIGALRM, which only
+works in a main thread and would clobber ours) and the caller bounds the time instead (see
+timer.py and pool.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sympy import Basic, Expr, MatrixBase, Rational, UnevaluatedExpr, nan, zoo
 
 from eureka_jax.rewards.extract import last_boxed
 from eureka_jax.rewards.fast import fast_verdict
+from eureka_jax.rewards.inequality import as_intervals
 
 # math-verify warns on every call when its own timeout is disabled, which we do on purpose.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -97,9 +100,10 @@ def _unwrap_boxed(text: str) -> str:
     return inner if inner is not None else text
 
 
-def normalize(text: str) -> str:
+def normalize(text: str) -> tuple[str, str | None]:
     """Strip the dress around an answer: delimiters, leading phrase, trailing punctuation, thousands
-    separators, degree signs; "a and b" / "a or b" become the list "a, b"."""
+    separators, degree signs; an inequality becomes its interval ("x \\le 2" -> "(-\\infty, 2]",
+    returned with its variable, else None); "a and b" / "a or b" become the list "a, b"."""
     text = _DELIMITERS.sub(" ", _unwrap_boxed(text)).strip()
     text = _LEAD.sub("", text, count=1)
     text = _TRAIL_PUNCT.sub("", text)
@@ -107,7 +111,9 @@ def normalize(text: str) -> str:
     if _THOUSANDS_PLAIN.fullmatch(text):
         text = text.replace(",", "")
     text = _DEGREES.sub("", text)
-    return _AND_OR.sub(", ", text).strip()
+    if (intervals := as_intervals(text)) is not None:
+        return intervals
+    return _AND_OR.sub(", ", text).strip(), None
 
 
 def split_unit(text: str) -> tuple[str, str | None]:
@@ -137,6 +143,7 @@ def _parse(original: str, normalized: str) -> list:
 class Gold:
     text: str  # normalised, unit removed
     unit: str | None
+    variable: str | None  # of an inequality gold, rewritten as an interval in `text`
 
 
 @lru_cache(maxsize=4096)
@@ -154,18 +161,21 @@ def _parse_gold_sympy(answer: str, body: str) -> list:
 def parse_gold(answer: str) -> Gold:
     """Check and normalise a ground-truth answer (cached: a GRPO group shares it). A gold that
     fast.py cannot judge is parsed with math-verify here. Raises GroundTruthError."""
-    body, unit = split_unit(normalize(answer))
+    normalized, variable = normalize(answer)
+    body, unit = split_unit(normalized)
     if not body:
         raise GroundTruthError(f"ground truth {answer[:80]!r} is empty after normalisation")
     if fast_verdict(body, body) is None:  # not a shape fast.py understands: check it parses
         _parse_gold_sympy(answer, body)
-    return Gold(body, unit)
+    return Gold(body, unit, variable)
 
 
 def math_equal(prediction: str, answer: str) -> bool:
     """True when `prediction` is mathematically equal to the ground truth `answer`."""
     gold = parse_gold(answer)
-    normalized = normalize(prediction)
+    normalized, variable = normalize(prediction)
+    if variable is not None and gold.variable is not None and variable != gold.variable:
+        return False  # a > 1 against x > 1: the range of another quantity
     body, unit = split_unit(normalized)
     if unit is not None and gold.unit is not None and unit != gold.unit:
         return False  # no unit conversion: 50 mm is judged different from a gold of 5 cm
@@ -189,7 +199,9 @@ def _bodies_equal(gold: Gold, answer: str, body: str, prediction: str) -> bool:
     gold_parsed = _parse_gold_sympy(answer, gold.text)
     if _clearly_different(gold_parsed[0], parsed[0]):
         return False
-    return verify(gold_parsed, parsed, timeout_seconds=None)
+    # allow_set_relation_comp: a relation that inequality.py leaves alone (x \\neq 2, x^2 < 4)
+    # against a set gold is compared as the set it describes, as math-verify does the other way.
+    return verify(gold_parsed, parsed, timeout_seconds=None, allow_set_relation_comp=True)
 
 
 # Distinct, unremarkable probe values for free symbols (sorted by name).
