@@ -187,9 +187,9 @@ class TrainBatch:
     advantages_B: jax.Array  # float32
 
 
-def response_logits(model, batch: TrainBatch) -> jax.Array:
-    """Teacher-forced logits [B, L, V] (compute dtype) at the positions that predict the
-    response tokens, in one causal pass over prompt + response.
+def response_hidden(model, batch: TrainBatch) -> jax.Array:
+    """Teacher-forced final hidden states [B, L, D] at the positions that predict the response
+    tokens, in one causal pass over prompt + response.
 
     The vision tower runs once per unique prompt; its features are gathered per response.
     """
@@ -212,15 +212,51 @@ def response_logits(model, batch: TrainBatch) -> jax.Array:
     x = model.embed(tokens, features, sources)
     hidden, _ = model.decode(x, positions, mask.astype(bool))
     # Position t-1+i predicts response token i.
-    return model.logits(hidden[:, t - 1: t - 1 + length])
+    return hidden[:, t - 1: t - 1 + length]
+
+
+def response_logits(model, batch: TrainBatch) -> jax.Array:
+    """Teacher-forced logits [B, L, V] (compute dtype) of the response tokens, all at once (for
+    tests and tools; training goes through `response_logprobs`, which never builds them)."""
+    return model.logits(response_hidden(model, batch))
 
 
 def response_logprobs(model, batch: TrainBatch, *, with_entropy: bool = False):
-    """Teacher-forced float32 log-probs (and entropies) of the response tokens, [B, L]."""
-    logits_BxLxV = response_logits(model, batch)
-    logp_BxL = token_logprobs(logits_BxLxV, batch.response_tokens_BxL)
-    entropy_BxL = token_entropy(logits_BxLxV) if with_entropy else None
-    return logp_BxL, entropy_BxL
+    """Teacher-forced float32 log-probs (and entropies) of the response tokens, [B, L].
+
+    The logits exist `model.config.logits_chunk` response positions at a time: the chunks are a
+    lax.map whose body is rematerialised (jax.checkpoint), so the backward pass recomputes one
+    chunk's logits at a time instead of keeping [B, L, V] of them."""
+    hidden_BxLxD = response_hidden(model, batch)
+    return chunked_logprobs(model.logits, hidden_BxLxD, batch.response_tokens_BxL,
+                            model.config.logits_chunk, with_entropy)
+
+
+def chunked_logprobs(head, hidden_BxLxD, targets_BxL, chunk: int, with_entropy: bool):
+    """(log p(target), entropy or None) [B, L] float32 from hidden states, `chunk` positions of
+    `head(hidden) -> logits` at a time (0, or chunk >= L: one piece, no loop)."""
+
+    def piece(hidden_BxCxD, targets_BxC):
+        logits_BxCxV = head(hidden_BxCxD)
+        logp_BxC = token_logprobs(logits_BxCxV, targets_BxC)
+        entropy_BxC = token_entropy(logits_BxCxV) if with_entropy else jnp.zeros_like(logp_BxC)
+        return logp_BxC, entropy_BxC
+
+    b, length, d = hidden_BxLxD.shape
+    if chunk == 0 or chunk >= length:
+        logp_BxL, entropy_BxL = piece(hidden_BxLxD, targets_BxL)
+    else:
+        pieces = -(-length // chunk)
+        pad = pieces * chunk - length
+        hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+            b, pieces, chunk, d).swapaxes(0, 1)
+        targets_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(
+            b, pieces, chunk).swapaxes(0, 1)
+        logp_NxBxC, entropy_NxBxC = jax.lax.map(
+            lambda xs: jax.checkpoint(piece)(*xs), (hidden_NxBxCxD, targets_NxBxC))
+        logp_BxL = logp_NxBxC.swapaxes(0, 1).reshape(b, -1)[:, :length]
+        entropy_BxL = entropy_NxBxC.swapaxes(0, 1).reshape(b, -1)[:, :length]
+    return logp_BxL, entropy_BxL if with_entropy else None
 
 
 def to_device(tree, sharding=None):

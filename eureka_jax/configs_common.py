@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         "param_dtype": "float32",  # master weights
         "compute_dtype": "bfloat16",
         "remat": "none",  # none | full | dots
+        "logits_chunk": 512,  # response positions whose logits exist at once (0 = all)
     })
     c.data = ml_collections.ConfigDict({
         "train": "",  # jsonl / parquet / HF datasets directory
@@ -159,6 +160,8 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> No
         require(get(field) in DTYPES, field, f"one of {sorted(DTYPES)}", "pick a float dtype")
     require(get("model.remat") in REMAT_POLICIES, "model.remat",
             f"one of {sorted(REMAT_POLICIES)}", "'full' saves the most memory")
+    require(get("model.logits_chunk") >= 0, "model.logits_chunk", ">= 0",
+            "response positions whose logits exist at once; 0 computes them all together")
 
     require(bool(get("data.train")), "data.train", "a jsonl / parquet file or dataset directory",
             "set --config.data.train=PATH")

@@ -115,6 +115,10 @@ class Qwen25VLConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
     freeze_vision: bool = False  # stop gradients at the vision tower's output
+    # Response positions whose [.., V] logits exist at once when log-probs are computed from
+    # hidden states (eureka_jax/batching.py); 0 = all of them. A 152k vocabulary makes the full
+    # [B, L, V] float32 logits of a 4096-token response 2.5 GB per sequence.
+    logits_chunk: int = 512
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype"):
@@ -122,6 +126,8 @@ class Qwen25VLConfig:
                 raise InputError(f"model.{field} must be one of {sorted(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
+        if self.logits_chunk < 0:
+            raise InputError(f"model.logits_chunk must be >= 0 (got {self.logits_chunk})")
         text, vision = self.text, self.vision
         if text.hidden_size % text.num_attention_heads:
             raise InputError("text hidden_size must be divisible by num_attention_heads")
