@@ -81,7 +81,7 @@ from eureka_jax.metrics import read_metrics
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import ScoredGroup, collate_groups
-from eureka_jax.train import make_optimizer, make_update_step
+from eureka_jax.train import make_optimizer, make_update_step, split_trainable
 
 BATCH, PROMPT, RESPONSE, IMAGE_PX = 8, 128, 128, 224
 WORDS = ("triangle", "area", "base", "height", "circle", "radius", "sum", "angle", "number",
@@ -263,22 +263,22 @@ class JaxStep:
 
     def __init__(self, model, optim: ml_collections.ConfigDict, rl: RLConfig):
         self.graphdef, self.params = nnx.split(model)
-        tx, self.schedule = make_optimizer(optim, total_updates=1000, params=self.params,
-                                           accumulation=1)
-        self.opt_state = jax.jit(tx.init)(self.params)
-        self.update = make_update_step(self.graphdef, tx, rl)
+        tx, self.schedule = make_optimizer(optim, total_updates=1000)
+        self.opt_state = jax.jit(tx.init)(split_trainable(self.params, optim.freeze_vision)[0])
+        self.update = make_update_step(self.graphdef, tx, rl, optim.freeze_vision)
         graphdef = self.graphdef
         self.logprobs = jax.jit(lambda params, batch: batching.response_logprobs(
             nnx.merge(graphdef, params), batch)[0])
 
     def set_batch(self, batch) -> None:
-        self.batch = jax.device_put(batch)
+        # One micro-batch: the whole batch is one forward/backward, as on the torch side.
+        self.batch = jax.device_put(jax.tree.map(lambda x: x[None], batch))
 
     def __call__(self) -> tuple[float, float]:
         self.params, self.opt_state, metrics = self.update(
-            self.params, self.opt_state, self.batch, jnp.float32(1.0))
+            self.params, self.opt_state, None, self.batch, jnp.ones((1,), jnp.float32))
         metrics = jax.device_get(metrics)
-        return float(metrics["loss"]), float(metrics["grad_norm"])
+        return float(metrics["loss"][0]), float(metrics["grad_norm"])
 
 
 def interleaved_ms(steps: dict, repeats: int, between) -> dict[str, list[float]]:

@@ -187,6 +187,33 @@ def whiten_training_batch(groups: Sequence[ScoredGroup], rl: RLConfig) -> list[S
 REWARD_CONTROLS = ("none", "shuffled")
 
 
+def stack_micro_batches(micro_batches: Sequence[Sequence[ScoredGroup]], buckets: Buckets,
+                        pad_token_id: int) -> TrainBatch:
+    """Micro-batches of equally many groups -> one TrainBatch (NumPy) whose every leaf has a
+    leading micro-batch axis M, for the update step's scan. All micro-batches share the shape
+    bucket of the largest prompt among them (collated together, then cut)."""
+    m = len(micro_batches)
+    per_micro = len(micro_batches[0])
+    if any(len(micro) != per_micro for micro in micro_batches):
+        raise ValueError("micro-batches must hold equally many groups")
+    whole = collate_groups([g for micro in micro_batches for g in micro], buckets, pad_token_id)
+
+    def cut(x):  # [M * n, ...] -> [M, n, ...]
+        return x.reshape(m, x.shape[0] // m, *x.shape[1:])
+
+    prompts = jax.tree.map(cut, whole.prompts.replace(
+        positions_3xBxT=np.moveaxis(whole.prompts.positions_3xBxT, 0, 1)))
+    prompts = prompts.replace(positions_3xBxT=np.moveaxis(prompts.positions_3xBxT, 2, 1))
+    return TrainBatch(
+        prompts=prompts,
+        prompt_index_B=cut(whole.prompt_index_B) % per_micro,
+        response_tokens_BxL=cut(whole.response_tokens_BxL),
+        response_mask_BxL=cut(whole.response_mask_BxL),
+        old_logp_BxL=cut(whole.old_logp_BxL),
+        advantages_B=cut(whole.advantages_B),
+    )
+
+
 def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray, seed: int):
     """(rewards, accuracy) that training sees: as scored, or with "shuffled" one random
     permutation of the rollout applied to both (a response's reward and accuracy stay paired, so

@@ -42,8 +42,8 @@ from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import (
     RolloutWorker,
     ScoredGroup,
-    collate_groups,
     pack_groups,
+    stack_micro_batches,
     unpack_groups,
     whiten_training_batch,
 )
@@ -71,9 +71,10 @@ class LoopConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params: nnx.State,
-                   accumulation: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW, warmup then cosine to min_lr_ratio*lr, global-norm clipping, frozen vision tower."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW, warmup then cosine to min_lr_ratio*lr, global-norm clipping. It sees the trainable
+    parameters only (`trainable_filter`): a frozen tower has no moments and no gradients."""
     warmup = int(round(optim.warmup_fraction * total_updates))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
@@ -83,14 +84,29 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params:
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay),
     )
-    if optim.freeze_vision:
-        labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if jax.tree_util.keystr(path).startswith("['visual']")
-            else "train", params)
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    if accumulation > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulation)
     return tx, schedule
+
+
+def trainable_filter(freeze_vision: bool):
+    """The nnx filter of the parameters the optimizer updates."""
+    if freeze_vision:
+        return lambda path, _: not path or path[0] != "visual"
+    return nnx.Param
+
+
+def split_trainable(params: nnx.State, freeze_vision: bool) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen) states; nnx.merge_state(trainable, frozen) gives `params` back."""
+    return nnx.split_state(params, trainable_filter(freeze_vision), ...)
+
+
+def optimizer_shardings(tx, trainable: nnx.State, replicated):
+    """Shardings of tx's state for (abstract or real) trainable parameters: every moment is
+    sharded like its parameter, scalar counters are replicated. Without this, jit(tx.init)
+    replicates the whole optimizer state on every device (87.6 GiB per chip for the 7B)."""
+    shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding,
+                                 jax.eval_shape(tx.init, trainable), shardings,
+                                 transform_non_params=lambda _: replicated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,20 +114,23 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
-    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
+def make_update_step(graphdef, tx, rl: RLConfig, freeze_vision: bool, state_shardings=None):
+    """jit(params, opt_state, ref_params, batches, scales) -> (params, opt_state, metrics).
 
-    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
-    'loss'); with placement 'reward' the rollout applied it and the update never sees the
-    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
-    shardings, so the second call does not see new input shardings and compile again."""
+    One optimizer update over a minibatch of M micro-batches: `batches` is a TrainBatch whose
+    every leaf has a leading M axis (`rollout.stack_micro_batches`), `scales` [M] the weight of
+    each micro-batch's loss (`micro_loss_scales`). A lax.scan accumulates the gradients of the
+    trainable parameters only (a frozen vision tower gets none), so accumulation is one program
+    with no host round trip per micro-batch; the metrics come back per micro-batch, [M] each.
+
+    `ref_params` (an argument, not a constant baked into the program) are the reference policy
+    when the KL is in the loss (rl.kl_coef > 0, placement 'loss'), else None. params and
+    opt_state are donated. `state_shardings` (of (params, opt_state)) pins the outputs to the
+    inputs' shardings, so the second call does not see new input shardings and compile again."""
     kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
-    if kl_in_loss != (ref_params is not None):
-        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
-                         "rl.kl_placement == 'loss'")
 
-    def loss_fn(params, batch: batching.TrainBatch, loss_scale):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(trainable, frozen, ref_params, batch: batching.TrainBatch, scale):
+        model = nnx.merge(graphdef, trainable, frozen)
         logp, entropy = batching.response_logprobs(model, batch, with_entropy=True)
         ref_logp = None
         if kl_in_loss:
@@ -120,13 +139,26 @@ def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_sharding
         loss, metrics = grpo.policy_loss(
             logp, batch.old_logp_BxL, batch.advantages_B, batch.response_mask_BxL, rl,
             ref_logp_BxT=ref_logp, entropy_BxT=entropy)
-        return loss * loss_scale, metrics
+        return loss * scale, metrics
 
-    def update(params, opt_state, batch, loss_scale):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, loss_scale)
+    def update(params, opt_state, ref_params, batches, scales_M):
+        if kl_in_loss != (ref_params is not None):
+            raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
+                             "rl.kl_placement == 'loss'")
+        trainable, frozen = split_trainable(params, freeze_vision)
+
+        def micro(grad_sum, xs):
+            batch, scale = xs
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, frozen, ref_params,
+                                                             batch, scale)
+            return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grad_sum, metrics = jax.lax.scan(micro, zeros, (batches, scales_M))
+        grads = jax.tree.map(lambda g: g / scales_M.shape[0], grad_sum)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
         metrics["param_norm"] = optax.tree.norm(params)
         return params, opt_state, metrics
 
@@ -175,7 +207,7 @@ def step_minibatches(groups, loop: LoopConfig, rl: RLConfig, rng: np.random.Gene
 
 
 def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
-    """optax.MultiSteps averages micro-batch gradients; these scales make the average equal the
+    """The update averages micro-batch gradients; these scales make the average equal the
     loss over the whole minibatch (token-weighted for token-mean losses, sequence-weighted for
     the others)."""
     token_mean = rl.loss in ("dapo", "cpgd")
@@ -221,15 +253,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             return jax.device_put(tree, replicated)
 
         # -- Optimizer and update -------------------------------------------------------------
-        accumulation = loop.minibatch_size // loop.micro_batch_size
         updates_per_step = rl.ppo_epochs * (loop.groups_per_step * group // loop.minibatch_size)
-        tx, schedule = make_optimizer(config.optim, loop.num_steps * updates_per_step, params,
-                                      accumulation)
-        opt_state = jax.jit(tx.init)(params)
+        tx, schedule = make_optimizer(config.optim, loop.num_steps * updates_per_step)
+        trainable, _ = split_trainable(params, config.optim.freeze_vision)
+        opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(
+            tx, trainable, replicated))(trainable)
+        del trainable
         ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
         kl_in_loss = rl.kl_placement == "loss"
         update_step = make_update_step(
-            graphdef, tx, rl, ref_params if kl_in_loss else None,
+            graphdef, tx, rl, config.optim.freeze_vision,
             state_shardings=jax.tree.map(lambda x: x.sharding, (params, opt_state)))
 
         # -- Checkpoint: resume if the workdir has one -----------------------------------------
@@ -328,17 +361,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 # Updates: ppo_epochs passes of minibatches, micro-batches accumulated.
                 update_started = time.perf_counter()
                 shuffle_rng = np.random.default_rng([config.seed, step])
-                update_metrics: dict[str, list[float]] = {}
+                outputs = []
                 for minibatch in step_minibatches(batch_groups, loop, rl, shuffle_rng):
-                    for micro, scale in zip(minibatch, micro_loss_scales(minibatch, rl),
-                                            strict=True):
-                        train_batch = put_on_device(collate_groups(micro, buckets, pad_id))
-                        params, opt_state, out = update_step(params, opt_state, train_batch,
-                                                             jnp.float32(scale))
-                        if scale == 0:  # padding only: no gradient, and no metrics
-                            continue
-                        for key, value in jax.device_get(out).items():
-                            update_metrics.setdefault(key, []).append(float(value))
+                    scales_M = np.asarray(micro_loss_scales(minibatch, rl), np.float32)
+                    batches = put_on_device(stack_micro_batches(minibatch, buckets, pad_id))
+                    params, opt_state, out = update_step(
+                        params, opt_state, ref_params if kl_in_loss else None, batches,
+                        put_on_device(scales_M))
+                    outputs.append((out, scales_M))
+                update_metrics = _update_metrics(jax.device_get(outputs))  # one fetch a step
                 if update_metrics:
                     _check_finite(step, update_metrics)
                 update_time = time.perf_counter() - update_started
@@ -352,7 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 metrics["filter/dropped_groups"] = counts["dropped"]
                 metrics["compilations/sampler"] = sampler.num_compilations
                 metrics["compilations/update"] = update_step._cache_size()
-                metrics["lr"] = float(schedule(_optimizer_count(opt_state, tx)))
+                metrics["lr"] = float(schedule(_optimizer_count(opt_state)))
                 metrics["time/step"] = time.perf_counter() - step_started
                 if evaluator is not None and (step % config.eval.every == 0
                                               or step == loop.num_steps):
@@ -388,10 +419,21 @@ def _rollout_seed(seed: int, step: int, rollout: int) -> int:
     return int(np.random.SeedSequence([seed, step, rollout]).generate_state(1)[0])
 
 
-def _optimizer_count(opt_state, tx) -> int:
+def _update_metrics(outputs) -> dict[str, list[float]]:
+    """Per-update metrics from (metrics, scales_M) of each update: per-micro-batch values are
+    averaged over the micro-batches that hold sequences (padding-only ones have scale 0)."""
+    merged: dict[str, list[float]] = {}
+    for metrics, scales_M in outputs:
+        real_M = np.asarray(scales_M) > 0
+        for key, value in metrics.items():
+            value = np.asarray(value)
+            merged.setdefault(key, []).append(
+                float(value) if value.ndim == 0 else float(value[real_M].mean()))
+    return merged
+
+
+def _optimizer_count(opt_state) -> int:
     """Number of optimizer updates applied so far (for the learning-rate metric)."""
-    if isinstance(tx, optax.MultiSteps):
-        return int(opt_state.gradient_step)
     counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(opt_state)
               if jax.tree_util.keystr(path).endswith(".count") and jnp.ndim(x) == 0]
     return max(counts) - 1 if counts else 0
@@ -435,10 +477,9 @@ def load_trained_model(checkpoint: str | Path, **runtime):
     model_config = hf_io.read_config(source, freeze_vision=config.optim.freeze_vision, **runtime)
     abstract = nnx.eval_shape(lambda: Qwen25VL(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
-    loop = LoopConfig(**config.train)
-    tx, _ = make_optimizer(config.optim, 1, abstract_params,
-                           loop.minibatch_size // loop.micro_batch_size)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    tx, _ = make_optimizer(config.optim, 1)
+    abstract_opt = jax.eval_shape(
+        tx.init, split_trainable(abstract_params, config.optim.freeze_vision)[0])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           {"params": abstract_params, "opt_state": abstract_opt})
