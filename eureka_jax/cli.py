@@ -5,7 +5,10 @@ SystemExit), so a test or notebook can call it like any function."""
 
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 
 # command -> (module under eureka_jax.commands, one-line description)
@@ -31,8 +34,26 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def default_platforms() -> None:
+    """JAX_PLATFORMS=cpu on a host with no TPU and no CUDA plugin, unless the user set it.
+
+    `make install` puts libtpu into the environment (for `eureka-jax plan`); on a machine without
+    a TPU, jax would then spend ~10 s probing for one at start-up and print pages of warnings
+    before falling back to the CPU. TPU hosts expose /dev/accel* (v4, v5e) or /dev/vfio/N (v5p,
+    v6e); there jax is left to pick the TPU, as it is left to pick CUDA when its plugin is
+    installed."""
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    default_platforms()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
