@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
         "param_dtype": "float32",  # master weights
         "compute_dtype": "bfloat16",
         "remat": "none",  # none | full | dots
+        "attention_impl": "auto",  # auto | xla | dense | pallas_tpu | cudnn: see attention.py
     })
     c.data = ml_collections.ConfigDict({
         "train": "",  # jsonl / parquet / HF datasets directory

@@ -177,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         model = hf_io.load_model(
             config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
             compute_dtype=config.model.compute_dtype, remat=config.model.remat,
-            freeze_vision=config.optim.freeze_vision)
+            attention_impl=config.model.attention_impl, freeze_vision=config.optim.freeze_vision)
         graphdef, params = nnx.split(model)
         model_config = model.config
         del model
