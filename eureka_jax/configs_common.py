@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
         "compute_dtype": "bfloat16",
         "remat": "none",  # none | full | dots
         "logits_chunk": 512,  # response positions whose logits exist at once (0 = all)
+        "attention_impl": "auto",  # auto | xla | dense | pallas_tpu | cudnn: see attention.py
     })
     c.data = ml_collections.ConfigDict({
         "train": "",  # jsonl / parquet / HF datasets directory

@@ -306,7 +306,7 @@ def load_model(model: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     """A Qwen25VL with weights from a HF directory (or hub id), sharded on `mesh` when given.
 
     `runtime` sets Qwen25VLConfig's runtime fields: param_dtype, compute_dtype, remat,
-    freeze_vision.
+    freeze_vision, attention_impl.
     """
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir, **runtime)

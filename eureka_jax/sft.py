@@ -65,7 +65,8 @@ def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, st
                                  param_dtype=config.model.param_dtype,
                                  compute_dtype=config.model.compute_dtype,
                                  remat=config.model.remat,
-                                 logits_chunk=config.model.logits_chunk)
+                                 logits_chunk=config.model.logits_chunk,
+                                 attention_impl=config.model.attention_impl)
         processor = QwenVLProcessor.from_pretrained(
             config.model.path, min_pixels=config.data.min_pixels,
             max_pixels=config.data.max_pixels)

@@ -238,7 +238,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         model = hf_io.load_model(
             config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
             compute_dtype=config.model.compute_dtype, remat=config.model.remat,
-            logits_chunk=config.model.logits_chunk, freeze_vision=config.optim.freeze_vision)
+            logits_chunk=config.model.logits_chunk, attention_impl=config.model.attention_impl,
+            freeze_vision=config.optim.freeze_vision)
         graphdef, params = nnx.split(model)
         model_config = model.config
         del model

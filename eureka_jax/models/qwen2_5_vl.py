@@ -13,8 +13,10 @@ full-attention blocks). The language model takes 3-D M-RoPE positions computed o
 this file depends on the number or sizes of images, so one compiled program serves a shape bucket.
 
 Attention masks: a teacher-forced forward or a prefill is causal over its T tokens, with
-`kv_valid[b, s]` False on left padding. A decoding step attends to its group's prompt (shared by
-the G samples, stored once) and to its own generated tokens so far (see KVCache).
+`kv_valid[b, s]` False on left padding; the vision tower attends within windows (a distance bound
+of one window) or images. Both go through eureka_jax/attention.py, which never materialises the
+[B, N, T, S] scores (backend: `attention_impl`). A decoding step attends to its group's prompt
+(shared by the G samples, stored once) and to its own generated tokens so far (see KVCache).
 
 Einsum letters: B batch, T query length, S key length, N heads, K kv heads, G query heads per kv
 head, H head dim, D model dim, F mlp dim, V vocab, P patches, C patch features, M merged tokens.
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from eureka_jax import attention
 from eureka_jax.errors import InputError
 from eureka_jax.sharding import constrain
 
@@ -77,6 +80,14 @@ class VisionConfig:
     def merge_unit(self) -> int:
         return self.spatial_merge_size**2
 
+    @property
+    def window_patches(self) -> int:
+        """Patches in a full attention window: window_size // spatial_merge_size // patch_size
+        merge units per side (eureka_jax/processing/layout.py). A window is one contiguous run
+        of the window-ordered stream, at most this long (edge windows are shorter)."""
+        side = self.window_size // self.spatial_merge_size // self.patch_size
+        return (side * self.spatial_merge_size) ** 2
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -119,6 +130,7 @@ class Qwen25VLConfig:
     # hidden states (eureka_jax/batching.py); 0 = all of them. A 152k vocabulary makes the full
     # [B, L, V] float32 logits of a 4096-token response 2.5 GB per sequence.
     logits_chunk: int = 512
+    attention_impl: str = "auto"  # auto | xla | dense | pallas_tpu | cudnn: see attention.py
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype"):
@@ -128,6 +140,7 @@ class Qwen25VLConfig:
             raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
         if self.logits_chunk < 0:
             raise InputError(f"model.logits_chunk must be >= 0 (got {self.logits_chunk})")
+        attention.check_implementation(self.attention_impl)
         text, vision = self.text, self.vision
         if text.hidden_size % text.num_attention_heads:
             raise InputError("text hidden_size must be divisible by num_attention_heads")
@@ -426,27 +439,24 @@ class VisionAttention(nnx.Module):
         vision = config.vision
         d = vision.hidden_size
         self.num_heads = vision.num_heads
+        self.attention_impl = config.attention_impl
         self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_qkv"), use_bias=True, config=config,
                          rngs=rngs)
         self.proj = Dense(d, d, ("vision_qkv", "vision_embed"), use_bias=True, config=config,
                           rngs=rngs)
 
-    def __call__(self, x_BxPxD, cos_BxPxH, sin_BxPxH, segment_BxP):
+    def __call__(self, x_BxPxD, cos_BxPxH, sin_BxPxH, segment_BxP, max_distance=None):
+        """Attention within segments (-1: padding, attends to nothing); `max_distance` bounds
+        how far apart two patches of one segment are (window blocks), which is what makes window
+        attention cost O(P * window) instead of O(P^2)."""
         b, p, d = x_BxPxD.shape
         qkv = self.qkv(x_BxPxD).reshape(b, p, 3, self.num_heads, d // self.num_heads)
         q_BxPxNxH, k_BxPxNxH, v_BxPxNxH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_BxPxNxH = _apply_rotary(q_BxPxNxH, cos_BxPxH, sin_BxPxH)
         k_BxPxNxH = _apply_rotary(k_BxPxNxH, cos_BxPxH, sin_BxPxH)
-        scale = (d // self.num_heads) ** -0.5
-        scores_BxNxPxP = jnp.einsum(
-            "bpnh,bsnh->bnps", q_BxPxNxH, k_BxPxNxH, preferred_element_type=jnp.float32,
-            precision=_precision(q_BxPxNxH.dtype),
-        ) * scale
-        mask_Bx1xPxP = (segment_BxP[:, :, None] == segment_BxP[:, None, :])[:, None]
-        probs = _masked_softmax(scores_BxNxPxP, mask_Bx1xPxP).astype(v_BxPxNxH.dtype)
-        out_BxPxNxH = jnp.einsum(
-            "bnps,bsnh->bpnh", probs, v_BxPxNxH, precision=_precision(v_BxPxNxH.dtype)
-        )
+        out_BxPxNxH = attention.attention(
+            q_BxPxNxH, k_BxPxNxH, v_BxPxNxH, causal=False, segment_ids_BxS=segment_BxP,
+            max_distance=max_distance, implementation=self.attention_impl)
         return self.proj(out_BxPxNxH.reshape(b, p, d))
 
 
@@ -461,8 +471,8 @@ class VisionBlock(nnx.Module):
             ("vision_embed", "vision_mlp"), use_bias=True, config=config, rngs=rngs,
         )
 
-    def __call__(self, x_BxPxD, cos, sin, segment_BxP):
-        x_BxPxD = x_BxPxD + self.attn(self.norm1(x_BxPxD), cos, sin, segment_BxP)
+    def __call__(self, x_BxPxD, cos, sin, segment_BxP, max_distance=None):
+        x_BxPxD = x_BxPxD + self.attn(self.norm1(x_BxPxD), cos, sin, segment_BxP, max_distance)
         return x_BxPxD + self.mlp(self.norm2(x_BxPxD))
 
 
@@ -515,10 +525,12 @@ class VisionTower(nnx.Module):
         freqs_BxPxH = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(freqs_BxPxH), jnp.sin(freqs_BxPxH)
         full_attention = set(self.config.fullatt_block_indexes)
+        window_distance = self.config.window_patches - 1
         for index, block in enumerate(self.blocks):
-            full = index in full_attention
-            segment = inputs.image_segment_BxP if full else inputs.window_segment_BxP
-            x_BxPxD = block(x_BxPxD, cos, sin, segment)
+            if index in full_attention:
+                x_BxPxD = block(x_BxPxD, cos, sin, inputs.image_segment_BxP)
+            else:
+                x_BxPxD = block(x_BxPxD, cos, sin, inputs.window_segment_BxP, window_distance)
         return self.merger(x_BxPxD)
 
 
@@ -535,20 +547,6 @@ def mrope_cos_sin(positions_3xBxT, inv_freq, mrope_section):
     freqs_BxTxJ = jnp.sum(freqs_3xBxTxJ * select_3xJ[:, None, None, :], axis=0)
     freqs_BxTxH = jnp.concatenate([freqs_BxTxJ, freqs_BxTxJ], axis=-1)
     return jnp.cos(freqs_BxTxH), jnp.sin(freqs_BxTxH)
-
-
-def _dense_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, kv_valid_BxS):
-    """Causal softmax attention of T queries over the same T tokens (S == T)."""
-    h = q_BxTxKxGxH.shape[-1]
-    t = q_BxTxKxGxH.shape[1]
-    scores = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
-        preferred_element_type=jnp.float32, precision=_precision(q_BxTxKxGxH.dtype),
-    ) * (h**-0.5)
-    causal_TxS = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    mask_BxTxS = causal_TxS[None] & kv_valid_BxS[:, None, :]
-    probs = _masked_softmax(scores, mask_BxTxS[:, None, None]).astype(v_BxSxKxH.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH, precision=_precision(v_BxSxKxH.dtype))
 
 
 def _decode_attention(q_NxKxGxH, kv: LayerKV, readable_NxS):
@@ -588,6 +586,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             text.num_attention_heads, text.num_key_value_heads, h,
         )
+        self.attention_impl = config.attention_impl
         kw = dict(config=config, rngs=rngs)
         self.q_proj = Dense(d, self.num_heads * h, ("embed", "heads"), use_bias=True, **kw)
         self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
@@ -607,8 +606,10 @@ class Attention(nnx.Module):
         """Causal self-attention over the T inputs; also returns their (k, v) for a cache."""
         b, t, _ = x_BxTxD.shape
         q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH = self._project(x_BxTxD, cos, sin)
-        out = _dense_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, kv_valid_BxT)
-        return self.o_proj(out.reshape(b, t, -1)), (k_BxTxKxH, v_BxTxKxH)
+        out_BxTxNxH = attention.attention(
+            q_BxTxKxGxH.reshape(b, t, self.num_heads, self.head_dim), k_BxTxKxH, v_BxTxKxH,
+            causal=True, kv_valid_BxS=kv_valid_BxT, implementation=self.attention_impl)
+        return self.o_proj(out_BxTxNxH.reshape(b, t, -1)), (k_BxTxKxH, v_BxTxKxH)
 
     def step(self, x_Nx1xD, cos, sin, kv: LayerKV, readable_NxS, gen_slot):
         """One token per sample: write its (k, v) at gen_slot, attend, return the new cache."""
