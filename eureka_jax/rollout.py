@@ -180,6 +180,18 @@ def whiten_training_batch(groups: Sequence[ScoredGroup], rl: RLConfig) -> list[S
             for grp, start, end in zip(groups, bounds[:-1], bounds[1:], strict=True)]
 
 
+def make_forward_logprobs(graphdef):
+    """jit(params, TrainBatch) -> teacher-forced log-probs [B, L] of the response tokens. Weights
+    are an argument, so the policy (old log-probs, mismatch) and the reference share one
+    program."""
+    from flax import nnx
+
+    def forward_logprobs(params, batch):
+        return response_logprobs(nnx.merge(graphdef, params), batch)[0]
+
+    return jax.jit(forward_logprobs)
+
+
 class RolloutWorker:
     """Runs one rollout: sample -> (rewards on the pool || teacher-forced forwards) -> groups.
 
@@ -201,13 +213,7 @@ class RolloutWorker:
         self.measure_mismatch = measure_mismatch or recompute_old_logprobs
         self.put_on_device = put_on_device
         self.ref_params = ref_params
-        from flax import nnx
-
-        def forward_logprobs(params, batch):
-            return response_logprobs(nnx.merge(graphdef, params), batch)[0]
-
-        # Weights are an argument, so the policy and the reference share one program.
-        self._forward_logprobs = jax.jit(forward_logprobs)
+        self._forward_logprobs = make_forward_logprobs(graphdef)
 
     def run(self, params, examples: Sequence[Example], seed: int):
         group = self.rl.num_generations

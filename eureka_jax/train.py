@@ -120,19 +120,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int, params:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
-    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
-
-    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
-    'loss'); with placement 'reward' the rollout applied it and the update never sees the
-    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
-    shardings, so the second call does not see new input shardings and compile again."""
+def update_function(graphdef, tx, rl: RLConfig):
+    """The update as a pure function (params, opt_state, batch, loss_scale, ref_params) ->
+    (params, opt_state, metrics); `ref_params` is None unless the KL is in the loss.
+    `make_update_step` jits it for training; eureka_jax.plan compiles it on abstract arguments."""
     kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
-    if kl_in_loss != (ref_params is not None):
-        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
-                         "rl.kl_placement == 'loss'")
 
-    def loss_fn(params, batch: batching.TrainBatch, loss_scale):
+    def loss_fn(params, batch: batching.TrainBatch, loss_scale, ref_params):
         model = nnx.merge(graphdef, params)
         logp, entropy = batching.response_logprobs(model, batch, with_entropy=True)
         ref_logp = None
@@ -144,16 +138,45 @@ def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_sharding
             ref_logp_BxT=ref_logp, entropy_BxT=entropy)
         return loss * loss_scale, metrics
 
-    def update(params, opt_state, batch, loss_scale):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, loss_scale)
+    def update(params, opt_state, batch, loss_scale, ref_params=None):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, loss_scale, ref_params)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["param_norm"] = optax.tree.norm(params)
         return params, opt_state, metrics
 
+    return update
+
+
+def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
+    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
+
+    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
+    'loss'); with placement 'reward' the rollout applied it and the update never sees the
+    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
+    shardings, so the second call does not see new input shardings and compile again."""
+    kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
+    if kl_in_loss != (ref_params is not None):
+        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
+                         "rl.kl_placement == 'loss'")
+    update = update_function(graphdef, tx, rl)
+
+    def step(params, opt_state, batch, loss_scale):
+        return update(params, opt_state, batch, loss_scale, ref_params)
+
     out_shardings = None if state_shardings is None else (*state_shardings, None)
-    return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def optimizer_shardings(tx, params):
+    """Shardings of tx.init(params) (params concrete, or abstract with shardings): every copy of
+    the parameter tree in the state (moments, MultiSteps' accumulator) sharded like the
+    parameters, the counts replicated. Without them jit(tx.init) replicates the whole state
+    (the 7B recipe's 87.6 GiB per chip)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return sharding.mirror_shardings(jax.eval_shape(tx.init, params), params, replicated)
 
 
 def assemble_batch(fresh: list[ScoredGroup], carried: list[ScoredGroup], size: int):
@@ -247,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         updates_per_step = rl.ppo_epochs * (loop.groups_per_step * group // loop.minibatch_size)
         tx, schedule = make_optimizer(config.optim, loop.num_steps * updates_per_step, params,
                                       accumulation)
-        opt_state = jax.jit(tx.init)(params)
+        opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params))(params)
         ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
         kl_in_loss = rl.kl_placement == "loss"
         update_step = make_update_step(
