@@ -41,24 +41,27 @@ def _prepare_environment(topology: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    # config_flags finds the --config.a.b overrides in the argv it is given at definition time
+    # (sys.argv by default, which is not this argv when main is called in-process).
+    argv = ["eureka-jax plan", *argv]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "training config file (get_config)",
-                                    flag_values=flag_values, lock_config=True)
+                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("topology", None, "v6e-8, v5p-8, v5e-4, v4-8, ..., or cpu-N",
                         flag_values=flag_values)
     flags.DEFINE_list("programs", [], "compile only these (optimizer_init, update, "
                       "logprob_forward, sampler); default all", flag_values=flag_values)
     flags.DEFINE_float("hbm_gib", None, "judge the fit against this many GiB per device instead "
                        "of the chip's HBM", flag_values=flag_values)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     topology = next((a.split("=", 1)[1] for a in argv if a.startswith("--topology=")), None)
     if topology is None and "--topology" in argv[:-1]:
         topology = argv[argv.index("--topology") + 1]
     _prepare_environment(topology or "")
     try:
-        flag_values(["eureka-jax plan", *argv])
+        flag_values(argv)
     except flags.Error as error:
         print(f"eureka-jax plan: {error}", file=sys.stderr)
         return 2
