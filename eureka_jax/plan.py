@@ -604,6 +604,9 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         add(sampler, lambda: Sampler(graphdef, sampling).lower(params, prompt_batch))
 
     # -- the step ---------------------------------------------------------------------------
+    for p in programs:  # a program fits when it fits beside the state resident during it
+        if p.peak_bytes_per_device is not None:
+            p.fits = p.fits and p.peak_bytes_per_device + p.resident_besides <= hbm_bytes
     running = [p for p in programs if p.runs_per_step or p.name == "optimizer_init"]
     peaks = [((p.peak_bytes_per_device or 0) + p.resident_besides, p.name) for p in running
              if p.peak_bytes_per_device is not None]
