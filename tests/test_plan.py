@@ -84,18 +84,18 @@ def test_plan_cpu_devices_and_a_verdict_that_does_not_fit(capsys, tiny_model_dir
 
 
 def test_plan_reports_a_compile_time_out_of_memory(capsys):
-    """72B parameters and their optimizer state on one v5e chip: the TPU compiler refuses the
+    """The 7B optimizer state (44 GiB in float32) on one v5e chip: the TPU compiler refuses the
     optimizer init (RESOURCE_EXHAUSTED), reported as does-not-fit with its numbers."""
     code, lines, _ = run_plan(
         capsys, f"--config={CONFIGS / 'qwen2_5_vl_7b_mmeureka.py'}",
-        "--config.model.path=Qwen/Qwen2.5-VL-72B-Instruct", "--topology=v5e-1",
+        "--config.model.path=Qwen/Qwen2.5-VL-7B-Instruct", "--topology=v5e-1",
         "--programs=optimizer_init")
     report = json.loads(lines[-1])
     assert code == 1 and report["fits"] is False
     (program,) = report["programs"]
     assert program["name"] == "optimizer_init" and program["fits"] is False
     assert "RESOURCE_EXHAUSTED" in program["error"]
-    assert program["peak_bytes_per_device"] > 100 * GiB  # the compiler's figure
+    assert program["peak_bytes_per_device"] > 40 * GiB  # the compiler's figure
     assert "DOES NOT FIT" in "\n".join(lines)
 
 
