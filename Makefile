@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,verify]'
+	$(PY) -m pip install -q -e '.[test,verify,plan]'
 	touch $(STAMP)
 
 test: install

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("score", "score completions with the rule rewards (jsonl in, jsonl out)"),
     "logits": ("logits", "logits of the Flax port for HF processor arrays (npz in, npz out)"),
     "verify-port": ("verify_port", "compare the Flax port with transformers on a HF directory"),
+    "plan": ("plan", "does a config fit a TPU slice? compile a step ahead of time, time it"),
     "export": ("export", "export a training checkpoint to a Hugging Face directory"),
     "convert": ("convert", "convert MMK12-style parquet / HF datasets to MM-Eureka jsonl"),
     "make-synthetic": ("make_synthetic", "write the synthetic visual-arithmetic dataset"),

@@ -224,6 +224,18 @@ def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray,
     return rewards_N[order_N], accuracy_N[order_N]
 
 
+def make_forward_logprobs(graphdef):
+    """jit(params, TrainBatch) -> teacher-forced log-probs [B, L] of the response tokens. Weights
+    are an argument, so the policy (old log-probs, mismatch) and the reference share one
+    program."""
+    from flax import nnx
+
+    def forward_logprobs(params, batch):
+        return response_logprobs(nnx.merge(graphdef, params), batch)[0]
+
+    return jax.jit(forward_logprobs)
+
+
 class RolloutWorker:
     """Runs one rollout: sample -> (rewards on the pool || teacher-forced forwards) -> groups.
 
@@ -250,13 +262,7 @@ class RolloutWorker:
             raise InputError(f"train_extras.reward_control must be one of {REWARD_CONTROLS} "
                              f"(got {reward_control!r})")
         self.reward_control = reward_control
-        from flax import nnx
-
-        def forward_logprobs(params, batch):
-            return response_logprobs(nnx.merge(graphdef, params), batch)[0]
-
-        # Weights are an argument, so the policy and the reference share one program.
-        self._forward_logprobs = jax.jit(forward_logprobs)
+        self._forward_logprobs = make_forward_logprobs(graphdef)
 
     def run(self, params, examples: Sequence[Example], seed: int):
         group = self.rl.num_generations

@@ -314,6 +314,11 @@ class Sampler:
     def __call__(self, state: nnx.State, batch: PromptBatch, seed: int) -> SampleOutput:
         return self._run(state, batch, jnp.uint32(seed))
 
+    def lower(self, state, batch):
+        """The program `__call__` runs, lowered for these (possibly abstract) arguments and any
+        seed: for ahead-of-time compilation and memory analysis (eureka_jax.plan)."""
+        return self._run.lower(state, batch, jax.ShapeDtypeStruct((), jnp.uint32))
+
 
 def decode_texts(tokenizer, tokens_NxL, lengths_N) -> list[str]:
     """Completion texts (special tokens dropped) from host arrays of a SampleOutput."""

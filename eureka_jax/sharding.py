@@ -151,3 +151,25 @@ def state_shardings(state: nnx.State, context: ShardingContext | None = None):
         return variable.replace(logical_sharding(axes, variable.shape, context))
 
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mirror_shardings(tree, reference, default: NamedSharding):
+    """Shardings for `tree` whose leaves copy those of `reference` (arrays or abstract arrays with
+    `.sharding`) wherever a leaf's key path ends with a reference leaf's path and the shapes agree;
+    `default` elsewhere. An optimizer state holds copies of the parameter tree (Adam's moments)
+    under extra keys, so this shards each copy like the
+    parameters, and leaves the step counts on `default`.
+
+        opt_shardings = mirror_shardings(jax.eval_shape(tx.init, params), params, replicated)
+    """
+    by_path = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(reference)}
+    longest = max((len(path) for path in by_path), default=0)
+
+    def sharding_of(path, leaf):
+        for start in range(max(len(path) - longest, 0), len(path)):
+            match = by_path.get(tuple(path[start:]))
+            if match is not None and tuple(match.shape) == tuple(leaf.shape):
+                return match.sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(sharding_of, tree)

@@ -99,23 +99,15 @@ def split_trainable(params: nnx.State, freeze_vision: bool) -> tuple[nnx.State, 
     return nnx.split_state(params, trainable_filter(freeze_vision), ...)
 
 
-def optimizer_shardings(tx, trainable: nnx.State, replicated):
-    """Shardings of tx's state for (abstract or real) trainable parameters: every moment is
-    sharded like its parameter, scalar counters are replicated. Without this, jit(tx.init)
-    replicates the whole optimizer state on every device (87.6 GiB per chip for the 7B)."""
-    shardings = jax.tree.map(lambda x: x.sharding, trainable)
-    return optax.tree_map_params(tx, lambda _, sharding: sharding,
-                                 jax.eval_shape(tx.init, trainable), shardings,
-                                 transform_non_params=lambda _: replicated)
-
-
 # ---------------------------------------------------------------------------------------------
 # The update step
 # ---------------------------------------------------------------------------------------------
 
 
-def make_update_step(graphdef, tx, rl: RLConfig, freeze_vision: bool, state_shardings=None):
-    """jit(params, opt_state, ref_params, batches, scales) -> (params, opt_state, metrics).
+def update_function(graphdef, tx, rl: RLConfig, freeze_vision: bool):
+    """The update as a pure function (params, opt_state, ref_params, batches, scales) ->
+    (params, opt_state, metrics). `make_update_step` jits it for training; eureka_jax.plan
+    compiles it on abstract arguments.
 
     One optimizer update over a minibatch of M micro-batches: `batches` is a TrainBatch whose
     every leaf has a leading M axis (`rollout.stack_micro_batches`), `scales` [M] the weight of
@@ -124,9 +116,7 @@ def make_update_step(graphdef, tx, rl: RLConfig, freeze_vision: bool, state_shar
     with no host round trip per micro-batch; the metrics come back per micro-batch, [M] each.
 
     `ref_params` (an argument, not a constant baked into the program) are the reference policy
-    when the KL is in the loss (rl.kl_coef > 0, placement 'loss'), else None. params and
-    opt_state are donated. `state_shardings` (of (params, opt_state)) pins the outputs to the
-    inputs' shardings, so the second call does not see new input shardings and compile again."""
+    when the KL is in the loss (rl.kl_coef > 0, placement 'loss'), else None."""
     kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
 
     def loss_fn(trainable, frozen, ref_params, batch: batching.TrainBatch, scale):
@@ -162,8 +152,36 @@ def make_update_step(graphdef, tx, rl: RLConfig, freeze_vision: bool, state_shar
         metrics["param_norm"] = optax.tree.norm(params)
         return params, opt_state, metrics
 
+    return update
+
+
+def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
+    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
+
+    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
+    'loss'); with placement 'reward' the rollout applied it and the update never sees the
+    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
+    shardings, so the second call does not see new input shardings and compile again."""
+    kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
+    if kl_in_loss != (ref_params is not None):
+        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
+                         "rl.kl_placement == 'loss'")
+    update = update_function(graphdef, tx, rl)
+
+    def step(params, opt_state, batch, loss_scale):
+        return update(params, opt_state, batch, loss_scale, ref_params)
+
     out_shardings = None if state_shardings is None else (*state_shardings, None)
-    return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def optimizer_shardings(tx, params):
+    """Shardings of tx.init(params) (the trainable parameters, concrete or abstract with
+    shardings): every moment sharded like its parameter, the counts replicated. Without them
+    jit(tx.init) replicates the whole state (the 7B recipe's 87.6 GiB per chip)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return sharding.mirror_shardings(jax.eval_shape(tx.init, params), params, replicated)
 
 
 def assemble_batch(fresh: list[ScoredGroup], carried: list[ScoredGroup], size: int):
@@ -257,8 +275,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         updates_per_step = rl.ppo_epochs * (loop.groups_per_step * group // loop.minibatch_size)
         tx, schedule = make_optimizer(config.optim, loop.num_steps * updates_per_step)
         trainable, _ = split_trainable(params, config.optim.freeze_vision)
-        opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(
-            tx, trainable, replicated))(trainable)
+        opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, trainable))(
+            trainable)
         del trainable
         ref_params = jax.tree.map(jnp.copy, params) if rl.kl_coef > 0 else None
         kl_in_loss = rl.kl_placement == "loss"
