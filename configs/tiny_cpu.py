@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
     config.rl.max_response_length = 16
     config.rl.loss = "grpo"
 
-    config.train.num_steps = 60
+    config.train.num_steps = 40
     # Every group a rollout keeps is trained, in one update of up to 16 x 8 sequences (a partial
     # batch is padded). Updates of 64 sequences on last step's leftovers let GRPO collapse pairs
     # of colours onto one answer on some seeds (measured, issue 10).
