@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
         "minibatch_size": 128 * 8 // 8,  # 128 sequences per optimizer update
         "micro_batch_size": 8,
         "max_rollouts_per_step": 8,
+        # Prompts per sampler call (0: the whole rollout). The KV cache of a chunk, not of the
+        # rollout, is what must fit beside the train state; `eureka-jax plan` proposes a size.
+        "rollout_chunk": 0,
     })
     c.train_extras = ml_collections.ConfigDict({
         "measure_logprob_mismatch": True,
@@ -237,6 +240,11 @@ def _validate_loop(train: Mapping[str, Any], group: int) -> None:
     if (train["groups_per_step"] * group) % train["minibatch_size"]:
         raise InputError("train.groups_per_step * rl.num_generations must be a multiple of "
                          "train.minibatch_size")
+    chunk = train["rollout_chunk"]
+    if chunk < 0 or (chunk and train["prompts_per_rollout"] % chunk):
+        raise InputError(f"train.rollout_chunk must be 0 or divide train.prompts_per_rollout="
+                         f"{train['prompts_per_rollout']} (got {chunk}): every sampler call "
+                         "has the same shape")
     if train["groups_per_step"] < train["prompts_per_rollout"]:
         # A rollout of P prompts can keep P groups; a smaller batch would train last step's
         # leftovers and drop fresh groups unused (the demo once trained 8 of 100 batches on

@@ -452,9 +452,13 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
     if unknown:
         raise InputError(f"unknown program(s) {', '.join(unknown)}; known: {', '.join(PROGRAMS)}")
     wanted = set(only or PROGRAMS)
+    from eureka_jax.configs_common import validate_config
+
+    checked = config.to_dict()
+    checked["data"]["train"] = checked["data"]["train"] or "(not read by plan)"
+    validate_config(checked)
     rl = RLConfig.from_dict(config.rl)
     loop = train.LoopConfig(**config.train)
-    loop.validate(rl.num_generations)
     group = rl.num_generations
     model_config = model_config_for(config)
     devices = topology_devices(topology)
@@ -491,7 +495,10 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         top_p=config.sampling.top_p, stop_token_ids=_stop_ids(model_config),
         cache_phases=config.sampling.cache_phases)
     response = sampling.max_new_tokens
-    prompts_per_rollout = loop.prompts_per_rollout
+    # The sampler and the rollout's teacher-forced forward run on train.rollout_chunk prompts
+    # at a time (all of the rollout when 0).
+    chunk_prompts = loop.rollout_chunk or loop.prompts_per_rollout
+    chunks_per_rollout = loop.prompts_per_rollout // chunk_prompts
     micro_prompts = loop.micro_batch_size // group
 
     with sharding.activate(mesh) as context:
@@ -517,11 +524,11 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         resident = {"params": param_bytes, "optimizer_state": opt_bytes, "reference": ref_bytes,
                     **_optimizer_breakdown(opt_state)}
 
-        rollouts = -(-loop.groups_per_step // prompts_per_rollout)
+        rollouts = -(-loop.groups_per_step // loop.prompts_per_rollout)
         micro_steps = rl.ppo_epochs * loop.groups_per_step * group // loop.micro_batch_size
         samples_from_policy = (sampling.temperature == 1.0 and sampling.top_k == 0
                                and sampling.top_p == 1.0)
-        forward_runs = rollouts * (
+        forward_runs = rollouts * chunks_per_rollout * (
             int(config.train_extras.measure_logprob_mismatch or not samples_from_policy)
             + int(rl.kl_coef > 0 and rl.kl_placement == "reward"))
         full_length = prompt_length + response
@@ -562,17 +569,17 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         ).lower(params, opt_state, ref_arg, stacked,
                 _abstract((accumulation,), np.float32, replicated)))
 
-        # teacher-forced log-probs of a whole rollout (old / mismatch / reference)
+        # teacher-forced log-probs of a rollout chunk (old / mismatch / reference)
         if forward_runs:
-            rollout_batch = abstract_train_batch(prompts_per_rollout, group, prompt_length,
+            rollout_batch = abstract_train_batch(chunk_prompts, group, prompt_length,
                                                  patches, response, model_config, replicated)
             forward = Program(
-                "logprob_forward", f"{prompts_per_rollout} prompts x {group} samples x "
+                "logprob_forward", f"{chunk_prompts} prompts x {group} samples x "
                 f"({prompt_length} + {response}) tokens", forward_runs,
-                vision_flops(model_config, prompts_per_rollout, patches)
-                + decoder_flops(model_config, prompts_per_rollout * group, full_length,
+                vision_flops(model_config, chunk_prompts, patches)
+                + decoder_flops(model_config, chunk_prompts * group, full_length,
                                 full_length)
-                + logits_flops(model_config, prompts_per_rollout * group, response),
+                + logits_flops(model_config, chunk_prompts * group, response),
                 resident_besides=opt_bytes + ref_bytes)
             forward_fn = make_forward_logprobs(graphdef)
             add(forward, lambda: forward_fn.lower(params, rollout_batch))
@@ -582,11 +589,11 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
 
         # the sampler: vision + prefill, then one while_loop per decoding phase
         ends = sampling.phase_ends()
-        n = prompts_per_rollout * group
-        sampler_flops = (vision_flops(model_config, prompts_per_rollout, patches)
-                         + decoder_flops(model_config, prompts_per_rollout, prompt_length,
+        n = chunk_prompts * group
+        sampler_flops = (vision_flops(model_config, chunk_prompts, patches)
+                         + decoder_flops(model_config, chunk_prompts, prompt_length,
                                          prompt_length)
-                         + logits_flops(model_config, prompts_per_rollout, 1))
+                         + logits_flops(model_config, chunk_prompts, 1))
         decode_bytes = 0.0
         start = 1
         for end in ends:
@@ -594,16 +601,16 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
             sampler_flops += steps * (decoder_flops(model_config, n, 1, prompt_length + end)
                                       + logits_flops(model_config, n, 1))
             decode_bytes += steps * (param_bytes + _kv_cache_bytes(
-                model_config, prompts_per_rollout, group, prompt_length, end, context))
+                model_config, chunk_prompts, group, prompt_length, end, context))
             start = end
-        kv_bytes = _kv_cache_bytes(model_config, prompts_per_rollout, group, prompt_length,
+        kv_bytes = _kv_cache_bytes(model_config, chunk_prompts, group, prompt_length,
                                    ends[-1], context)
         sampler = Program(
-            "sampler", f"{prompts_per_rollout} prompts x {group} samples, {prompt_length}-token "
+            "sampler", f"{chunk_prompts} prompts x {group} samples, {prompt_length}-token "
             f"prompts, {patches} patches, {response} new tokens in {len(ends)} phase(s) "
-            f"(buffers {', '.join(map(str, ends))})", rollouts, sampler_flops,
+            f"(buffers {', '.join(map(str, ends))})", rollouts * chunks_per_rollout, sampler_flops,
             min_bytes_per_device=decode_bytes, resident_besides=opt_bytes + ref_bytes)
-        prompt_batch = abstract_prompts(prompts_per_rollout, prompt_length, patches,
+        prompt_batch = abstract_prompts(chunk_prompts, prompt_length, patches,
                                         model_config, replicated)
         add(sampler, lambda: Sampler(graphdef, sampling).lower(params, prompt_batch))
 
@@ -629,7 +636,8 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         memory_s += p.runs_per_step * max(p_memory - p_compute, 0.0)
     projected = compute_s + memory_s
     mfu = step_flops / (projected * mesh_devices * chip.peak_flops) if projected else None
-    notes.append(f"step = {rollouts} rollout(s) of {prompts_per_rollout} prompts (the online "
+    notes.append(f"step = {rollouts} rollout(s) of {loop.prompts_per_rollout} prompts in "
+                 f"chunks of {chunk_prompts} (the online "
                  f"filter keeping every group), {micro_steps} update micro-steps of "
                  f"{loop.micro_batch_size} sequences, every response {response} tokens long")
     plan = Plan(
@@ -694,17 +702,17 @@ def _advice(plan: Plan, config, loop) -> list[str]:
                       f"data.length_buckets / sampling.max_new_tokens")
     forward = by_name.get("logprob_forward")
     if forward and _over(forward, hbm):
-        advice.append("logprob_forward runs over the whole rollout at once: fewer "
-                      "train.prompts_per_rollout, or train_extras.measure_logprob_mismatch=False "
+        advice.append("logprob_forward runs over a rollout chunk at once: a smaller "
+                      "train.rollout_chunk, or train_extras.measure_logprob_mismatch=False "
                       "when sampling from the policy")
     sampler = by_name.get("sampler")
     if sampler and _over(sampler, hbm):
         chunk = _rollout_chunk(plan, sampler, loop)
         advice.append(
-            f"sampler: the KV cache of {loop.prompts_per_rollout} prompts x G alone is "
-            f"{_size(plan.kv_cache_bytes)} per device; lower train.prompts_per_rollout"
-            + (f" to about {chunk}" if chunk else "")
-            + ", sampling.max_new_tokens or the largest data.length_buckets")
+            f"sampler: the KV cache of {loop.rollout_chunk or loop.prompts_per_rollout} prompts "
+            f"x G alone is {_size(plan.kv_cache_bytes)} per device; set train.rollout_chunk"
+            + (f" to about {chunk} (a divisor of train.prompts_per_rollout)" if chunk else "")
+            + ", or lower sampling.max_new_tokens or the largest data.length_buckets")
     return advice
 
 
@@ -719,7 +727,7 @@ def _rollout_chunk(plan: Plan, sampler: Program, loop) -> int | None:
         return None
     fixed = plan.resident["params"] + sampler.resident_besides
     per_prompt = max(sampler.peak_bytes_per_device - plan.resident["params"], 1) / (
-        loop.prompts_per_rollout)
+        loop.rollout_chunk or loop.prompts_per_rollout)
     chunk = int((0.9 * plan.hbm_bytes - fixed) // per_prompt)
     return max(chunk, 0)
 

@@ -244,7 +244,7 @@ class RolloutWorker:
     def __init__(self, *, sampler, reward_pool, tokenizer, rl: RLConfig, buckets: Buckets,
                  pad_token_id: int, graphdef, recompute_old_logprobs: bool,
                  measure_mismatch: bool, put_on_device, ref_params=None,
-                 reward_control: str = "none"):
+                 reward_control: str = "none", chunk: int = 0):
         if (ref_params is not None) != (rl.kl_coef > 0 and rl.kl_placement == "reward"):
             raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
                              "rl.kl_placement == 'reward'")
@@ -262,35 +262,53 @@ class RolloutWorker:
             raise InputError(f"train_extras.reward_control must be one of {REWARD_CONTROLS} "
                              f"(got {reward_control!r})")
         self.reward_control = reward_control
+        self.chunk = chunk
         self._forward_logprobs = make_forward_logprobs(graphdef)
 
     def run(self, params, examples: Sequence[Example], seed: int):
+        """Sample, score and turn into groups one rollout of `examples`, `self.chunk` prompts
+        per sampler call (0: all at once). Chunks are independent (every sample's key depends on
+        its prompt's dataset index, not on its chunk), so chunking changes memory, not results.
+        The pool scores a chunk while the device samples the next one and runs the
+        teacher-forced forward of the last."""
         group = self.rl.num_generations
-        started = time.perf_counter()
-        prompts = collate_prompts([e.row for e in examples], self.buckets,
-                                  pad_token_id=self.pad_token_id,
-                                  prompt_keys=[e.index for e in examples])
-        prompts = self.put_on_device(prompts)
-        output = self.sampler(params, prompts, seed)
-        tokens, logprobs, lengths, finish = jax.device_get(
-            (output.tokens_NxL, output.logprobs_NxL, output.lengths_N, output.finish_N))
-        rollout_time = time.perf_counter() - started
+        size = self.chunk or len(examples)
+        chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+        handles, forward_logps, ref_logps, outputs = [], [], [], []
+        sample_time = 0.0
+        for chunk in chunks:
+            chunk_started = time.perf_counter()
+            prompts = self.put_on_device(collate_prompts(
+                [e.row for e in chunk], self.buckets, pad_token_id=self.pad_token_id,
+                prompt_keys=[e.index for e in chunk]))
+            output = self.sampler(params, prompts, seed)
+            tokens, logprobs, lengths, finish = jax.device_get(
+                (output.tokens_NxL, output.logprobs_NxL, output.lengths_N, output.finish_N))
+            sample_time += time.perf_counter() - chunk_started
+            outputs.append((tokens, logprobs, lengths, finish))
+            texts = decode_texts(self.tokenizer, tokens, lengths)
+            answers = [e.answer for e in chunk for _ in range(group)]
+            extras = [{"id": e.record_id, **e.extra} for e in chunk for _ in range(group)]
+            handles.append((texts, answers, self.reward_pool.submit(
+                texts, answers, extras, lengths=lengths.tolist())))
+            # Device work while the pool scores: the trainer's and the reference's log-probs of
+            # the sampled tokens (dispatched asynchronously; read after the rewards).
+            if self.measure_mismatch or self.ref_params is not None:
+                batch = rollout_train_batch(prompts, output, group)
+                if self.measure_mismatch:
+                    forward_logps.append(self._forward_logprobs(params, batch))
+                if self.ref_params is not None:
+                    ref_logps.append(self._forward_logprobs(self.ref_params, batch))
+        rollout_time = sample_time
 
         started = time.perf_counter()
-        texts = decode_texts(self.tokenizer, tokens, lengths)
-        answers = [e.answer for e in examples for _ in range(group)]
-        extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(group)]
-        handle = self.reward_pool.submit(texts, answers, extras, lengths=lengths.tolist())
-        # Device work while the pool scores: the trainer's and the reference's log-probs of the
-        # sampled tokens (dispatched asynchronously; read after the rewards).
-        forward_logp = ref_logp = None
-        if self.measure_mismatch or self.ref_params is not None:
-            batch = rollout_train_batch(prompts, output, group)
-            if self.measure_mismatch:
-                forward_logp = self._forward_logprobs(params, batch)
-            if self.ref_params is not None:
-                ref_logp = self._forward_logprobs(self.ref_params, batch)
-        results = handle.result()
+        results = [r for _, _, handle in handles for r in handle.result()]
+        texts = [t for chunk_texts, _, _ in handles for t in chunk_texts]
+        answers = [a for _, chunk_answers, _ in handles for a in chunk_answers]
+        tokens, logprobs, lengths, finish = (np.concatenate(parts)
+                                             for parts in zip(*outputs, strict=True))
+        forward_logp = np.concatenate(jax.device_get(forward_logps)) if forward_logps else None
+        ref_logp = np.concatenate(jax.device_get(ref_logps)) if ref_logps else None
         reward_time = time.perf_counter() - started
 
         rewards = np.asarray([r.reward for r in results], np.float32)
@@ -310,7 +328,6 @@ class RolloutWorker:
             "rollout/tokens": int(lengths.sum()),
         }
         if forward_logp is not None:
-            forward_logp = np.asarray(forward_logp)
             metrics["logprob_mismatch/max"] = float(np.abs(forward_logp - logprobs)[mask].max())
             if self.recompute_old_logprobs:
                 logprobs = np.where(mask, forward_logp, 0.0)

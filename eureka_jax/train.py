@@ -64,6 +64,7 @@ class LoopConfig:
     minibatch_size: int  # sequences per optimizer update
     micro_batch_size: int  # sequences per forward/backward (gradient accumulation)
     max_rollouts_per_step: int = 8  # give up filling a batch after this many rollouts
+    rollout_chunk: int = 0  # prompts per sampler call (0: the whole rollout at once)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             recompute_old_logprobs=not _samples_from_policy(sampling),
             measure_mismatch=config.train_extras.measure_logprob_mismatch,
             put_on_device=put_on_device, ref_params=None if kl_in_loss else ref_params,
-            reward_control=config.train_extras.reward_control)
+            reward_control=config.train_extras.reward_control, chunk=loop.rollout_chunk)
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(

@@ -217,13 +217,14 @@ def test_kl_runs_where_its_placement_says(setup, tmp_path, placement):
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
 
 
-def test_micro_batch_accumulation_equals_one_pass(setup, tmp_path):
-    # The smoke config's minibatch of 16 sequences as two scanned micro-batches of 8, against
-    # one pass over all 16: the same gradient, so the same update.
+def test_accumulation_and_rollout_chunks_change_memory_not_results(setup, tmp_path):
+    # The smoke config's minibatch of 16 sequences as two scanned micro-batches of 8 and its
+    # rollout of 2 prompts in one sampler call, against one pass over all 16 and the rollout
+    # in chunks of one prompt: the same samples, rewards and gradient, so the same update.
     changes = {"train.num_steps": 1, "data.length_buckets": (128,)}
-    two = by_step_after(train, smoke_config(setup, **changes), tmp_path / "two")
-    one = by_step_after(train, smoke_config(setup, **changes, **{"train.micro_batch_size": 16}),
-                        tmp_path / "one")
-    assert one[1]["grad_norm"] > 1e-3
-    for key in ("loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose(two[1][key], one[1][key], rtol=1e-5, err_msg=key)
+    base = by_step_after(train, smoke_config(setup, **changes), tmp_path / "base")
+    variant = by_step_after(train, smoke_config(setup, **changes, **{
+        "train.micro_batch_size": 16, "train.rollout_chunk": 1}), tmp_path / "variant")
+    assert base[1]["grad_norm"] > 1e-3
+    for key in ("reward/mean", "response_length/mean", "loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(variant[1][key], base[1][key], rtol=1e-5, err_msg=key)
