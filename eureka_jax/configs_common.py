@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         "warmup_fraction": 0.03,
         "min_lr_ratio": 0.1,
         "freeze_vision": True,
+        # A float32 copy of the parameters in the optimizer state, for model.param_dtype
+        # bfloat16 (eureka_jax.train.with_float32_master_weights).
+        "master_weights": False,
     })
     c.rewards = ml_collections.ConfigDict({  # eureka_jax.rewards.RewardConfig
         "accuracy_weight": 1.0,
@@ -206,6 +209,9 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> No
     )
     for field, ok, condition in optim:
         require(ok(get(field)), field, condition, "see make_optimizer in eureka_jax/train.py")
+    require(not get("optim.master_weights") or get("model.param_dtype") != "float32",
+            "optim.master_weights", "False with model.param_dtype='float32'",
+            "the parameters are the float32 master weights already")
 
     # The trainer passes sampling.max_new_tokens as the reward's max_length.
     RewardConfig.from_mapping({**values["rewards"], "max_length": get("sampling.max_new_tokens")})

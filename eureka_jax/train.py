@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,35 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int,
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay),
     )
+    if optim.master_weights:
+        tx = with_float32_master_weights(tx)
     return tx, schedule
+
+
+class MasterWeightsState(NamedTuple):
+    master: Any  # float32 copy of the parameters
+    inner: Any  # the wrapped transformation's state, built on the float32 copy
+
+
+def with_float32_master_weights(inner: optax.GradientTransformation):
+    """Low-precision parameters (model.param_dtype=bfloat16) with float32 master weights: the
+    optimizer keeps a float32 copy, applies `inner` to it in float32, and returns the float32
+    difference to the parameters, which optax.apply_updates adds in float32 and rounds once
+    (the parameters become the rounded master weights). Updates smaller than a bfloat16 ulp of
+    a weight (lr 1e-6 is far smaller) accumulate in the master copy instead of vanishing."""
+
+    def init(params):
+        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params):
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, inner_state = inner.update(grads, state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        to_params = jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params)
+        return to_params, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
 
 
 def trainable_filter(freeze_vision: bool):
@@ -156,24 +184,13 @@ def update_function(graphdef, tx, rl: RLConfig, freeze_vision: bool):
     return update
 
 
-def make_update_step(graphdef, tx, rl: RLConfig, ref_params=None, state_shardings=None):
-    """jit(params, opt_state, batch, loss_scale) -> (params, opt_state, metrics); donates both.
-
-    `ref_params` are needed exactly when the KL is in the loss (rl.kl_coef > 0, placement
-    'loss'); with placement 'reward' the rollout applied it and the update never sees the
-    reference. `state_shardings` (of (params, opt_state)) pins the outputs to the inputs'
-    shardings, so the second call does not see new input shardings and compile again."""
-    kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
-    if kl_in_loss != (ref_params is not None):
-        raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
-                         "rl.kl_placement == 'loss'")
-    update = update_function(graphdef, tx, rl)
-
-    def step(params, opt_state, batch, loss_scale):
-        return update(params, opt_state, batch, loss_scale, ref_params)
-
+def make_update_step(graphdef, tx, rl: RLConfig, freeze_vision: bool, state_shardings=None):
+    """jit(update_function(...)), donating params and opt_state. `state_shardings` (of (params,
+    opt_state)) pins the outputs to the inputs' shardings, so the second call does not see new
+    input shardings and compile again."""
     out_shardings = None if state_shardings is None else (*state_shardings, None)
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(update_function(graphdef, tx, rl, freeze_vision), donate_argnums=(0, 1),
+                   out_shardings=out_shardings)
 
 
 def optimizer_shardings(tx, params):
