@@ -25,6 +25,17 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from eureka_jax.commands import parse_absl_flags
+
+EXAMPLES = (
+    "eureka-jax plan --config configs/qwen2_5_vl_7b_mmeureka.py "
+    "--config.model.path=Qwen/Qwen2.5-VL-7B-Instruct --topology v6e-8",
+    "eureka-jax plan --config configs/qwen2_5_vl_32b_mmeureka.py "
+    "--config.model.path=Qwen/Qwen2.5-VL-32B-Instruct --topology v5p-32",
+    "eureka-jax plan --config configs/tiny_cpu.py:smoke --config.model.path=runs/demo/sft/model "
+    "--topology cpu-8 --programs update,sampler",
+)
+
 
 def _prepare_environment(topology: str) -> None:
     """Before jax is imported: compile-only planning never runs on an accelerator (it must not
@@ -41,9 +52,6 @@ def _prepare_environment(topology: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     # config_flags finds the --config.a.b overrides in the argv it is given at definition time
     # (sys.argv by default, which is not this argv when main is called in-process).
     argv = ["eureka-jax plan", *argv]
@@ -60,11 +68,9 @@ def main(argv: list[str]) -> int:
     if topology is None and "--topology" in argv[:-1]:
         topology = argv[argv.index("--topology") + 1]
     _prepare_environment(topology or "")
-    try:
-        flag_values(argv)
-    except flags.Error as error:
-        print(f"eureka-jax plan: {error}", file=sys.stderr)
-        return 2
+    status = parse_absl_flags("plan", __doc__, EXAMPLES, flag_values, argv[1:])
+    if status is not None:
+        return status
     if flag_values.config is None or flag_values.topology is None:
         print("eureka-jax plan: --config and --topology are required", file=sys.stderr)
         return 2
