@@ -39,6 +39,17 @@ def initialize_from_env() -> bool:
     here, not at module level, so that `eureka-jax --help` does not pay for importing it."""
     if not requested():
         return False
+    arguments = {
+        "initialization_timeout": _seconds(INIT_TIMEOUT, 60),
+        "heartbeat_timeout_seconds": _seconds(HEARTBEAT_TIMEOUT, 30),
+    }
+    if COORDINATOR in os.environ:  # else JAX finds the peers itself (TPU metadata)
+        missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if name not in os.environ]
+        if missing:
+            raise ValueError(f"{COORDINATOR} is set but {' and '.join(missing)} is not")
+        arguments.update(coordinator_address=os.environ[COORDINATOR],
+                         num_processes=int(os.environ[NUM_PROCESSES]),
+                         process_id=int(os.environ[PROCESS_ID]))
     import jax
 
     if jax.distributed.is_initialized():  # cli.main() called twice in one process (a notebook)
@@ -46,21 +57,7 @@ def initialize_from_env() -> bool:
     # CPU processes exchange collectives over TCP with gloo (the fake-device tests, CPU hosts);
     # TPU and GPU use their own interconnect and ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeouts = {
-        "initialization_timeout": _seconds(INIT_TIMEOUT, 60),
-        "heartbeat_timeout_seconds": _seconds(HEARTBEAT_TIMEOUT, 30),
-    }
-    if COORDINATOR in os.environ:
-        missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if name not in os.environ]
-        if missing:
-            raise ValueError(f"{COORDINATOR} is set but {' and '.join(missing)} is not")
-        jax.distributed.initialize(
-            coordinator_address=os.environ[COORDINATOR],
-            num_processes=int(os.environ[NUM_PROCESSES]),
-            process_id=int(os.environ[PROCESS_ID]),
-            **timeouts)
-    else:
-        jax.distributed.initialize(**timeouts)
+    jax.distributed.initialize(**arguments)
     return True
 
 
