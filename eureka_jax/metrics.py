@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any
 
+from etils import epath
 from tqdm.auto import tqdm
+
+from eureka_jax.workdirs import as_path
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, total_steps: int, initial_step: int = 0,
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
                  show_progress: bool = True):
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open)
-        self._samples = open(self.workdir / "samples.jsonl", "a")  # noqa: SIM115
+        self._jsonl = (self.workdir / "metrics.jsonl").open("a")  # noqa: SIM115 (kept open)
+        self._samples = (self.workdir / "samples.jsonl").open("a")  # noqa: SIM115
         from tensorboardX import SummaryWriter
 
+        # A string: tensorboardX writes gs:// and s3:// URIs itself, and str() of an
+        # epath.Path keeps the scheme.
         self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                          dynamic_ncols=True, disable=not show_progress)
@@ -59,15 +64,16 @@ def _plain(value):
     return value
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(workdir: str | Path, keys=("eval/accuracy", "reward/accuracy", "reward/mean"),
-                output: str = "curves.png") -> Path | None:
+def plot_curves(workdir: str | os.PathLike,
+                keys=("eval/accuracy", "reward/accuracy", "reward/mean"),
+                output: str = "curves.png") -> epath.Path | None:
     """A PNG of the main curves (the last record of each step wins, as after a resume)."""
     by_step: dict[int, dict[str, Any]] = {}
     for record in read_metrics(workdir):
@@ -89,8 +95,9 @@ def plot_curves(workdir: str | Path, keys=("eval/accuracy", "reward/accuracy", "
     axis.set_ylim(-0.02, 1.6)
     axis.grid(alpha=0.3)
     axis.legend()
-    path = Path(workdir) / output
+    path = as_path(workdir) / output
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with path.open("wb") as png:  # a file object: matplotlib would take a gs:// URI as local
+        figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
     return path
