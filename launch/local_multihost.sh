@@ -10,7 +10,7 @@
 # 127.0.0.1. Output lines are prefixed with "[ID] ". The launcher waits for all processes and
 # exits with the status of the first that failed (0 if none did); as soon as one fails it stops
 # the others (SIGTERM, then SIGKILL after GRACE_SECONDS, default 5), since they would otherwise
-# wait for it in a collective.
+# wait for it in a collective. Ctrl-C or SIGTERM to the launcher stops all of them the same way.
 set -euo pipefail
 
 usage() {
@@ -49,10 +49,16 @@ signal_all() {
   local pid
   for pid in "${!process_id_of_pid[@]}"; do kill "-$1" -- "-$pid" 2>/dev/null || true; done
 }
-trap 'signal_all KILL; exit 130' INT TERM
-
 status=0
 kill_at=
+# SIGTERM everyone (a training run checkpoints on SIGTERM), SIGKILL whoever is left after the grace.
+stop_all() {
+  (( status != 0 )) || status=$1
+  signal_all TERM
+  kill_at=$(( SECONDS + grace_seconds ))
+}
+trap 'echo "local_multihost: interrupted; stopping all processes" >&2; stop_all 130' INT TERM
+
 while (( ${#process_id_of_pid[@]} > 0 )); do
   sleep 0.2
   for pid in "${!process_id_of_pid[@]}"; do
@@ -62,10 +68,8 @@ while (( ${#process_id_of_pid[@]} > 0 )); do
     id=${process_id_of_pid[$pid]}
     unset "process_id_of_pid[$pid]"
     if (( code != 0 && status == 0 )); then
-      status=$code
       echo "local_multihost: process $id exited with status $code; stopping the others" >&2
-      signal_all TERM
-      kill_at=$(( SECONDS + grace_seconds ))
+      stop_all "$code"
     fi
   done
   if [[ -n "$kill_at" ]] && (( SECONDS >= kill_at )); then

@@ -4,6 +4,7 @@ Each test starts two small processes (a few seconds each on a busy machine); eve
 has a timeout, so a hang fails the test instead of stalling the suite."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,21 @@ def test_dead_peer_stops_the_others_without_the_launcher():
     assert processes[0].returncode != 0, outputs[0]
     assert time.monotonic() - start < 60
     assert "Task 1 heartbeat timeout" in outputs[0], outputs[0][-3000:]
+
+
+def test_stopping_the_launcher_stops_every_process():
+    program = "import time; print('up', flush=True); time.sleep(300)"
+    launcher = subprocess.Popen(["bash", str(LAUNCHER), "2", "1", sys.executable, "-c", program],
+                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        assert sorted(launcher.stdout.readline() for _ in range(2)) == ["[0] up\n", "[1] up\n"]
+        launcher.send_signal(signal.SIGTERM)
+        # The launcher returns only once it has waited for both processes.
+        assert launcher.wait(timeout=30) == 130
+    finally:
+        launcher.kill()
+    assert "interrupted; stopping all processes" in launcher.stderr.read()
 
 
 def test_usage_errors():
