@@ -11,7 +11,7 @@ from typing import Any
 from etils import epath
 from tqdm.auto import tqdm
 
-from eureka_jax.workdirs import as_path
+from eureka_jax.workdirs import as_path, is_uri
 
 
 class MetricsWriter:
@@ -19,8 +19,8 @@ class MetricsWriter:
                  show_progress: bool = True):
         self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.workdir / "metrics.jsonl").open("a")  # noqa: SIM115 (kept open)
-        self._samples = (self.workdir / "samples.jsonl").open("a")  # noqa: SIM115
+        self._jsonl = JsonlAppender(self.workdir / "metrics.jsonl")
+        self._samples = JsonlAppender(self.workdir / "samples.jsonl")
         from tensorboardX import SummaryWriter
 
         # A string: tensorboardX writes gs:// and s3:// URIs itself, and str() of an
@@ -31,8 +31,7 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append([record])
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(key, value, step)
@@ -46,15 +45,42 @@ class MetricsWriter:
         self._bar.update(step - self._bar.n)
 
     def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        for sample in samples:
-            self._samples.write(json.dumps({"step": step, **sample}) + "\n")
-        self._samples.flush()
+        self._samples.append([{"step": step, **sample} for sample in samples])
 
     def close(self) -> None:
         self._bar.close()
         self._jsonl.close()
         self._samples.close()
         self._tensorboard.close()
+
+
+class JsonlAppender:
+    """One JSON object per line, appended to a file that a resumed run keeps extending.
+
+    Object stores cannot append: gcsfs opens mode "a" as "w" (a resumed run would drop the earlier
+    lines) and shows nothing until the file is closed. There the whole object is rewritten after
+    each append instead; metrics and sample dumps are small enough for that."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._rewrite = is_uri(path)
+        if self._rewrite:
+            self._text = path.read_text() if path.exists() else ""
+        else:
+            self._file = path.open("a")
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        if self._rewrite:
+            self._text += lines
+            self.path.write_text(self._text)
+        else:
+            self._file.write(lines)
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._rewrite:
+            self._file.close()
 
 
 def _plain(value):

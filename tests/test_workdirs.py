@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from eureka_jax import metrics
 from eureka_jax.metrics import MetricsWriter, plot_curves, read_metrics
 from eureka_jax.workdirs import as_path
 
@@ -61,3 +62,15 @@ def test_metrics_round_trip_in_a_local_workdir(tmp_path):
     png = plot_curves(workdir)
     assert os.fspath(png) == str(tmp_path / "run" / "curves.png")
     assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_metrics_on_an_object_store_are_rewritten_not_appended(tmp_path, monkeypatch):
+    """gcsfs opens "a" as "w": a resumed run must keep the earlier lines all the same. (A local
+    directory stands in for the bucket; the writer is told it is one.)"""
+    monkeypatch.setattr(metrics, "is_uri", lambda path: True)
+    workdir = tmp_path / "run"
+    for step in (1, 2):  # a run, then its resumption
+        writer = MetricsWriter(workdir, total_steps=2, initial_step=step - 1, show_progress=False)
+        writer.write(step, {"reward/mean": step / 4})
+        assert [r["step"] for r in read_metrics(workdir)] == list(range(1, step + 1))
+        writer.close()
