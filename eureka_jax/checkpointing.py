@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from eureka_jax.workdirs import as_path
+
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, every_steps: int, keep: int,
+    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int,
                  async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self.every_steps = every_steps
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import sys
 
+from eureka_jax import distributed
+
 # command -> (module under eureka_jax.commands, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "GRPO-family training from a config file; rerun to resume"),
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"eureka-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # Before the command touches a JAX backend: a multi-host run's processes connect here.
+    distributed.initialize_from_env()
     module = importlib.import_module(f"eureka_jax.commands.{COMMANDS[name][0]}")
     try:
         return int(module.main(rest) or 0)

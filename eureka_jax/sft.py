@@ -10,6 +10,7 @@ Face directory that `eureka-jax train` starts from.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from eureka_jax.evaluation import make_preprocess
 from eureka_jax.metrics import MetricsWriter
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rollout import ScoredGroup, collate_groups
+from eureka_jax.workdirs import as_path
 
 
 def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
@@ -50,7 +52,7 @@ def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
     return groups
 
 
-def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, steps: int,
+def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: str, steps: int,
         batch_size: int, lr: float, max_response_tokens: int, show_progress: bool = True,
         stop_below_loss: float | None = None) -> Path:
     """Train on `data` for up to `steps` updates; returns the exported HF directory.
@@ -58,7 +60,7 @@ def sft(config: ml_collections.ConfigDict, workdir: str | Path, *, data: str, st
     stop_below_loss: stop early once the mean loss of the last 10 steps is below this value
     (a warm-start meant to leave learning to RL stops as soon as it beats the no-information
     loss)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     with sharding.activate(mesh):
         model = hf_io.load_model(config.model.path, mesh=mesh,

@@ -17,8 +17,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from eureka_jax import batching, grpo, hf_io, sharding
@@ -48,6 +49,7 @@ from eureka_jax.rollout import (
     whiten_training_batch,
 )
 from eureka_jax.sampler import Sampler, SamplingConfig
+from eureka_jax.workdirs import as_path
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +260,10 @@ def micro_loss_scales(micro_batches, rl: RLConfig) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's metrics."""
     validate_config(config)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     rl = RLConfig.from_dict(config.rl)
@@ -491,9 +493,9 @@ def _check_finite(step: int, metrics: dict[str, list[float]]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_paths(checkpoint: str | Path) -> tuple[Path, int]:
+def checkpoint_paths(checkpoint: str | os.PathLike) -> tuple[epath.Path, int]:
     """(run workdir, step) for WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
-    path = Path(checkpoint)
+    path = as_path(checkpoint)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name.isdigit() and path.parent.name == "checkpoints":
@@ -506,7 +508,7 @@ def checkpoint_paths(checkpoint: str | Path) -> tuple[Path, int]:
                      "WORKDIR/checkpoints or WORKDIR/checkpoints/STEP with complete checkpoints)")
 
 
-def load_trained_model(checkpoint: str | Path, **runtime):
+def load_trained_model(checkpoint: str | os.PathLike, **runtime):
     """(model, source HF dir for tokenizer files) from a training checkpoint."""
     workdir, step = checkpoint_paths(checkpoint)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from eureka_jax.commands import argument_parser
+from eureka_jax.workdirs import as_path
 
 EXAMPLES = (
     "eureka-jax eval --model runs/tiny --data runs/demo/data/eval.jsonl --output results.json",
@@ -76,6 +76,6 @@ def main(argv: list[str]) -> int:
         return 2
     summary = {"accuracy": result.accuracy, f"pass@{args.num_samples}": result.pass_at_k,
                "num_examples": len(result.items), "model": args.model, "data": args.data}
-    Path(args.output).write_text(json.dumps({**summary, "items": result.items}, indent=2))
+    as_path(args.output).write_text(json.dumps({**summary, "items": result.items}, indent=2))
     print(json.dumps(summary))
     return 0

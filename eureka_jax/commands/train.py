@@ -9,12 +9,12 @@ field can then be overridden with --config.SECTION.FIELD=value (--config.train.n
 error, and it is validated before anything is loaded.
 
 On a multi-host slice set EUREKA_JAX_DISTRIBUTED=1 (launch/tpu_vm.sh does) so that
-jax.distributed connects the hosts."""
+jax.distributed connects the hosts (eureka_jax/distributed.py; the CLI does it before any
+command runs)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -49,11 +49,6 @@ def main(argv: list[str]) -> int:
               "--help)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if os.environ.get("EUREKA_JAX_DISTRIBUTED") == "1":
-        # Multi-host TPU/GPU: every host runs this same command; JAX finds its peers.
-        import jax
-
-        jax.distributed.initialize()
     from eureka_jax.errors import InputError
     from eureka_jax.train import train
 

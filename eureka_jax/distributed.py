@@ -1,0 +1,75 @@
+"""Connect the processes of a multi-host run (jax.distributed) from environment variables.
+
+Every process of a run executes the same command; these variables tell each one who it is:
+
+  EUREKA_COORDINATOR    host:port of process 0's coordination service (127.0.0.1:PORT locally)
+  EUREKA_NUM_PROCESSES  how many processes take part
+  EUREKA_PROCESS_ID     this process's id, 0 .. EUREKA_NUM_PROCESSES - 1
+
+launch/local_multihost.sh sets all three. On a TPU VM slice set EUREKA_JAX_DISTRIBUTED=1 instead
+(launch/tpu_vm.sh does): JAX then finds the coordinator and the process ids from the TPU metadata.
+With none of them set the run is a single process and nothing happens here.
+
+A dead or hung peer must not leave the others waiting on a collective for ever: the coordination
+service declares a process dead after EUREKA_HEARTBEAT_TIMEOUT seconds without a heartbeat
+(default 30) and then stops every process with an error naming it; start-up gives up after
+EUREKA_INIT_TIMEOUT seconds (default 60) if some process never connects."""
+
+from __future__ import annotations
+
+import os
+
+COORDINATOR = "EUREKA_COORDINATOR"
+NUM_PROCESSES = "EUREKA_NUM_PROCESSES"
+PROCESS_ID = "EUREKA_PROCESS_ID"
+AUTO_DETECT = "EUREKA_JAX_DISTRIBUTED"
+INIT_TIMEOUT = "EUREKA_INIT_TIMEOUT"
+HEARTBEAT_TIMEOUT = "EUREKA_HEARTBEAT_TIMEOUT"
+
+
+def requested() -> bool:
+    """Whether the environment asks for a multi-process run."""
+    return COORDINATOR in os.environ or os.environ.get(AUTO_DETECT) == "1"
+
+
+def initialize_from_env() -> bool:
+    """jax.distributed.initialize() as the environment asks; True if processes are connected.
+
+    Call before anything touches a JAX backend (jax.devices(), the first array). jax is imported
+    here, not at module level, so that `eureka-jax --help` does not pay for importing it."""
+    if not requested():
+        return False
+    arguments = {
+        "initialization_timeout": _seconds(INIT_TIMEOUT, 60),
+        "heartbeat_timeout_seconds": _seconds(HEARTBEAT_TIMEOUT, 30),
+    }
+    if COORDINATOR in os.environ:  # else JAX finds the peers itself (TPU metadata)
+        missing = [name for name in (NUM_PROCESSES, PROCESS_ID) if name not in os.environ]
+        if missing:
+            raise ValueError(f"{COORDINATOR} is set but {' and '.join(missing)} is not")
+        arguments.update(coordinator_address=os.environ[COORDINATOR],
+                         num_processes=int(os.environ[NUM_PROCESSES]),
+                         process_id=int(os.environ[PROCESS_ID]))
+    import jax
+
+    if jax.distributed.is_initialized():  # cli.main() called twice in one process (a notebook)
+        return True
+    # CPU processes exchange collectives over TCP with gloo (the fake-device tests, CPU hosts);
+    # TPU and GPU use their own interconnect and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
+    return True
+
+
+def is_primary() -> bool:
+    """True on the process that writes metrics, logs and exports (process 0)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _seconds(name: str, default: int) -> int:
+    value = int(os.environ.get(name, default))
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+    return value
