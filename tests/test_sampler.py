@@ -493,7 +493,7 @@ def test_sharded_sampling_equals_unsharded(model_dir, model, params, processor, 
     with sharding.activate(mesh):
         sharded_model = hf_io.load_model(model_dir, mesh=mesh)
         graphdef, state = nnx.split(sharded_model)
-        kernel = state["layers"][0]["mlp"]["gate_proj"]["kernel"][...]
+        kernel = state["layers"]["mlp"]["gate_proj"]["kernel"][...]  # [layers, D, F]
         assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sampler = Sampler(graphdef, temperature_sampler.config)
