@@ -432,11 +432,11 @@ def _kv_cache_bytes(model_config: Qwen25VLConfig, prompts: int, group: int, prom
     itemsize = jnp.dtype(DTYPES[model_config.compute_dtype]).itemsize
     total = 0
     for rows, length in ((prompts, prompt_length), (prompts * group, buffer_length)):
-        shape = (rows, t.num_key_value_heads, t.head_dim, length)
+        shape = (t.num_hidden_layers, rows, t.num_key_value_heads, t.head_dim, length)
         sharded = NamedSharding(context.mesh, sharding.logical_to_spec(CACHE_K_AXES, shape,
                                                                        context))
         total += 2 * math.prod(sharded.shard_shape(shape)) * itemsize
-    return total * t.num_hidden_layers
+    return total
 
 
 def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
