@@ -28,7 +28,7 @@ from eureka_jax.batching import (
 from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import KVCache, LayerKV
 from eureka_jax.processing import QwenVLProcessor
-from eureka_jax.rollout import rollout_train_batch
+from eureka_jax.rollout import make_forward_logprobs, rollout_train_batch
 from eureka_jax.sampler import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -336,6 +336,13 @@ def test_logprobs_match_teacher_forced_forward(dtype, model_dir, processor, prom
     assert_logprobs_agree(teacher_forced, sampled, mask, scale, LOGPROB_BOUND[dtype])
     if dtype != "float32":
         return
+    # The rollout's forward one prompt's group per pass (image prompt, then text prompt) gives
+    # the whole-batch forward's log-probs.
+    pieced = make_forward_logprobs(graphdef, sequences_per_pass=group)(state, train_batch)
+    np.testing.assert_allclose(np.asarray(pieced)[mask], np.asarray(teacher_forced)[mask],
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="do not split"):
+        make_forward_logprobs(graphdef, sequences_per_pass=3)(state, train_batch)
 
     def logits_larger(m):  # every logit 1e-5 (relative) too large
         m.norm.scale[...] *= 1 + 1e-5
