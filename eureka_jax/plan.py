@@ -703,9 +703,9 @@ def _advice(plan: Plan, config, loop) -> list[str]:
                       f"data.length_buckets / sampling.max_new_tokens")
     forward = by_name.get("logprob_forward")
     if forward and _over(forward, hbm):
-        advice.append("logprob_forward runs over a rollout chunk at once: a smaller "
-                      "train.rollout_chunk, or train_extras.measure_logprob_mismatch=False "
-                      "when sampling from the policy")
+        advice.append("logprob_forward runs train.micro_batch_size sequences per pass: a "
+                      "smaller micro-batch, shorter buckets, or "
+                      "train_extras.measure_logprob_mismatch=False when sampling from the policy")
     sampler = by_name.get("sampler")
     if sampler and _over(sampler, hbm):
         chunk = _rollout_chunk(plan, sampler, loop)
