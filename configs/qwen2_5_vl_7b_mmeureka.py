@@ -8,7 +8,13 @@ decay, clip 1.0, cosine to 0.1*lr with 3% warmup; 128 prompts x 8 samples per ro
 sequences per optimizer step (8 updates per rollout); temperature 1.0; prompts up to 3000 tokens,
 responses up to 4096; images within [4, 640] x 28 x 28 pixels; frozen vision tower; KL 0; online
 filter [0.1, 0.9]; accuracy + 0.5 * format rewards. `:small` keeps the recipe but shrinks batch
-and lengths for a single TPU v5e-8 / v4-8 host smoke run.
+and lengths for a smoke run on one v6e-8 host.
+
+Where it fits (`eureka-jax plan`, README "Plans"): the recipe on v6e-8 and v5p-8, not on v5e-4.
+What makes it fit on v6e-8: bfloat16 parameters with float32 master weights and moments in the
+optimizer (DeepSpeed's mixed precision, which MM-Eureka trained with), rollouts sampled 16 prompts
+at a time (their KV cache is 7.7 GiB per chip instead of 30.6 for all 128), and the teacher-forced
+forward in passes of micro_batch_size sequences.
 """
 
 from eureka_jax.configs_common import base_config
@@ -18,7 +24,8 @@ def get_config(arg: str | None = None):
     config = base_config()
     config.mesh.shape = (1, -1, 1)  # FSDP over every chip; add tensor parallelism for 32B+
 
-    config.model.param_dtype = "float32"  # master weights; the recipe trains in bf16
+    config.model.param_dtype = "bfloat16"
+    config.optim.master_weights = True  # float32 master weights and moments in the optimizer
     config.model.compute_dtype = "bfloat16"
     config.model.remat = "full"
 
@@ -45,6 +52,7 @@ def get_config(arg: str | None = None):
     config.train.groups_per_step = 128
     config.train.minibatch_size = 128
     config.train.micro_batch_size = 8
+    config.train.rollout_chunk = 16  # prompts per sampler call (plan proposes it from the HBM left)
 
     config.optim.lr = 1e-6
     config.optim.b1, config.optim.b2 = 0.9, 0.95

@@ -7,6 +7,9 @@ memory is never materialised whole. The safetensors format is read and written h
 real Qwen2.5-VL checkpoints are bfloat16; ml_dtypes supplies the dtype.
 
 The mapping between Hugging Face names and parameter paths is one declarative table, `_RULES`.
+The port stacks the decoder layers and the vision blocks (a leading layer axis, see
+models/qwen2_5_vl.py): Hugging Face's `model.layers.{i}.X` is layer i of the port's `layers.X`,
+loaded per device from the per-layer tensors and exported back to them one layer at a time.
 """
 
 from __future__ import annotations
@@ -44,27 +47,28 @@ TOKENIZER_FILES = (
 
 # ---------------------------------------------------------------------------------------------
 # Name mapping: (HF key template, parameter path template, layout). A {placeholder} stands for one
-# dotted component. Layout "linear": HF [out, in] <-> ours [in, out]; "conv": Conv3d
-# [D, C, T, p, p] <-> [C*T*p*p, D]; "same": identical layout.
+# dotted component; {i} in a HF key is a layer index, the index along the port's leading layer
+# axis. Layout "linear": HF [out, in] <-> ours [in, out]; "conv": Conv3d [D, C, T, p, p] <->
+# [C*T*p*p, D]; "same": identical layout.
 # ---------------------------------------------------------------------------------------------
 
 _RULES: tuple[tuple[str, str, str], ...] = (
     ("visual.patch_embed.proj.weight", "visual.patch_embed", "conv"),
-    ("visual.blocks.{i}.norm{n}.weight", "visual.blocks.{i}.norm{n}.scale", "same"),
-    ("visual.blocks.{i}.attn.{name}.weight", "visual.blocks.{i}.attn.{name}.kernel", "linear"),
-    ("visual.blocks.{i}.attn.{name}.bias", "visual.blocks.{i}.attn.{name}.bias", "same"),
-    ("visual.blocks.{i}.mlp.{name}.weight", "visual.blocks.{i}.mlp.{name}.kernel", "linear"),
-    ("visual.blocks.{i}.mlp.{name}.bias", "visual.blocks.{i}.mlp.{name}.bias", "same"),
+    ("visual.blocks.{i}.norm{n}.weight", "visual.blocks.norm{n}.scale", "same"),
+    ("visual.blocks.{i}.attn.{name}.weight", "visual.blocks.attn.{name}.kernel", "linear"),
+    ("visual.blocks.{i}.attn.{name}.bias", "visual.blocks.attn.{name}.bias", "same"),
+    ("visual.blocks.{i}.mlp.{name}.weight", "visual.blocks.mlp.{name}.kernel", "linear"),
+    ("visual.blocks.{i}.mlp.{name}.bias", "visual.blocks.mlp.{name}.bias", "same"),
     ("visual.merger.ln_q.weight", "visual.merger.ln_q.scale", "same"),
     ("visual.merger.mlp.0.weight", "visual.merger.fc1.kernel", "linear"),
     ("visual.merger.mlp.0.bias", "visual.merger.fc1.bias", "same"),
     ("visual.merger.mlp.2.weight", "visual.merger.fc2.kernel", "linear"),
     ("visual.merger.mlp.2.bias", "visual.merger.fc2.bias", "same"),
     ("model.embed_tokens.weight", "embed_tokens", "same"),
-    ("model.layers.{i}.{norm}.weight", "layers.{i}.{norm}.scale", "same"),
-    ("model.layers.{i}.self_attn.{name}.weight", "layers.{i}.self_attn.{name}.kernel", "linear"),
-    ("model.layers.{i}.self_attn.{name}.bias", "layers.{i}.self_attn.{name}.bias", "same"),
-    ("model.layers.{i}.mlp.{name}.weight", "layers.{i}.mlp.{name}.kernel", "linear"),
+    ("model.layers.{i}.{norm}.weight", "layers.{norm}.scale", "same"),
+    ("model.layers.{i}.self_attn.{name}.weight", "layers.self_attn.{name}.kernel", "linear"),
+    ("model.layers.{i}.self_attn.{name}.bias", "layers.self_attn.{name}.bias", "same"),
+    ("model.layers.{i}.mlp.{name}.weight", "layers.mlp.{name}.kernel", "linear"),
     ("model.norm.weight", "norm.scale", "same"),
     ("lm_head.weight", "lm_head.kernel", "linear"),
 )
@@ -81,28 +85,39 @@ _HF_TO_OURS = tuple((_template_regex(hf), ours, layout) for hf, ours, layout in 
 _OURS_TO_HF = tuple((_template_regex(ours), hf, layout) for hf, ours, layout in _RULES)
 
 
-def _translate(name: str, table) -> tuple[str, str] | None:
-    for pattern, template, layout in table:
-        match = pattern.match(name)
-        if match:
-            return template.format(**match.groupdict()), layout
-    return None
-
-
-def hub_key_to_path(key: str) -> tuple[str, str] | None:
-    """(parameter path, layout) for a HF tensor name, or None if the port has no such tensor."""
+def hub_key_to_path(key: str) -> tuple[str, str, int | None] | None:
+    """(parameter path, layout, layer index or None if not a stacked layer's) for a HF tensor
+    name, or None if the port has no such tensor."""
     for old, new in _ALIASES:
         if key.startswith(old):
             key = new + key[len(old):]
-    return _translate(key, _HF_TO_OURS)
+    for pattern, template, layout in _HF_TO_OURS:
+        match = pattern.match(key)
+        if match:
+            fields = match.groupdict()
+            layer = fields.pop("i", None)
+            if layer is not None and not layer.isdigit():
+                return None
+            return template.format(**fields), layout, None if layer is None else int(layer)
+    return None
 
 
-def path_to_hub_key(path: str) -> tuple[str, str]:
-    """(HF tensor name, layout) for a parameter path of Qwen25VL."""
-    translated = _translate(path, _OURS_TO_HF)
-    if translated is None:
-        raise KeyError(f"no Hugging Face name for parameter {path}")
-    return translated
+def path_to_hub_key(path: str, layer: int | None = None) -> tuple[str, str]:
+    """(HF tensor name, layout) for a parameter path of Qwen25VL; `layer` for a stacked one."""
+    for pattern, template, layout in _OURS_TO_HF:
+        match = pattern.match(path)
+        if match:
+            if ("{i}" in template) != (layer is not None):
+                raise KeyError(f"parameter {path}: a layer index is needed exactly for a "
+                               f"stacked parameter (got {layer})")
+            return template.format(**match.groupdict(), i=layer), layout
+    raise KeyError(f"no Hugging Face name for parameter {path}")
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a parameter path is a stacked layer's (a leading layer axis)."""
+    return any(pattern.match(path) and "{i}" in template
+               for pattern, template, _ in _OURS_TO_HF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,41 +271,62 @@ def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> n
     opened: dict[Path, SafetensorsFile] = {}
     wanted = _flat_params(abstract_state)
     shard_of = _flat_params(shardings) if shardings is not None else {}
-    found: dict[str, tuple[str, str]] = {}
+    # path -> {layer index (None: not stacked): HF key}
+    found: dict[str, dict[int | None, str]] = {}
+    layout_of: dict[str, str] = {}
     unexpected = []
     for key in files:
         mapped = hub_key_to_path(key)
-        if mapped is None or mapped[0] not in wanted:
+        if mapped is None or mapped[0] not in wanted or (
+                mapped[2] is not None and mapped[2] >= wanted[mapped[0]].shape[0]):
             if key == "lm_head.weight":  # some tied checkpoints still store it
                 continue
             unexpected.append(key)
             continue
-        found[mapped[0]] = (key, mapped[1])
+        path, layout, layer = mapped
+        found.setdefault(path, {})[layer] = key
+        layout_of[path] = layout
     if unexpected:
         raise InputError(f"{model_dir}: tensors the Qwen2.5-VL port does not know: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    missing = sorted(set(wanted) - set(found))
+    missing = []
+    for path, variable in sorted(wanted.items()):
+        layers = range(variable.shape[0]) if is_stacked(path) else [None]
+        missing += [path_to_hub_key(path, layer)[0] for layer in layers
+                    if layer not in found.get(path, {})]
     if missing:
         raise InputError(f"{model_dir}: checkpoint is missing {len(missing)} tensors, e.g. "
-                         f"{[path_to_hub_key(p)[0] for p in missing[:5]]}")
+                         f"{missing[:5]}")
 
-    def load_one(path: str, variable: nnx.Variable):
-        key, layout = found[path]
+    def read(key: str) -> np.ndarray:
         file = files[key]
-        reader = opened.setdefault(file, SafetensorsFile(file))
-        hf_shape = reader.shape(key)
-        ours_shape = tuple(variable.shape)
+        return opened.setdefault(file, SafetensorsFile(file)).tensor(key)
+
+    def check_shape(key: str, layout: str, ours_shape: tuple[int, ...]) -> None:
+        hf_shape = tuple(read(key).shape)
         expected = _from_ours(np.empty(ours_shape, np.bool_), layout, hf_shape).shape if (
             layout != "conv") else (ours_shape[1], math.prod(hf_shape[1:]))
         got = hf_shape if layout != "conv" else (hf_shape[0], math.prod(hf_shape[1:]))
         if tuple(expected) != tuple(got):
-            raise InputError(f"{file}: tensor {key} has shape {hf_shape}, the config implies "
-                             f"{tuple(expected)}; does config.json belong to these weights?")
-        dtype = variable.dtype
+            raise InputError(f"{files[key]}: tensor {key} has shape {hf_shape}, the config "
+                             f"implies {tuple(expected)}; does config.json belong to these "
+                             "weights?")
 
+    def load_one(path: str, variable: nnx.Variable):
+        keys, layout = found[path], layout_of[path]
+        ours_shape, dtype = tuple(variable.shape), variable.dtype
+        stacked = is_stacked(path)
+        for key in keys.values():
+            check_shape(key, layout, ours_shape[1:] if stacked else ours_shape)
+
+        # Only the slice this device holds is read from disk (and transposed): for a stacked
+        # parameter, the slice of each of its layers' tensors.
         def fetch(index):
-            # Only the slice this device holds is read from disk (and transposed).
-            return np.asarray(_to_ours(reader.tensor(key), layout)[index], dtype=dtype)
+            if not stacked:
+                return np.asarray(_to_ours(read(keys[None]), layout)[index], dtype=dtype)
+            layers = range(ours_shape[0])[index[0]]
+            return np.stack([np.asarray(_to_ours(read(keys[layer]), layout)[index[1:]],
+                                        dtype=dtype) for layer in layers])
 
         target = (shard_of[path].get_value() if path in shard_of
                   else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -326,19 +362,22 @@ def load_model(model: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
 
 
 def hf_tensors(model: Qwen25VL, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(hub key, host array) pairs, one parameter at a time."""
+    """(hub key, host array) pairs, one parameter (of one layer) at a time."""
     state = nnx.state(model, nnx.Param)
     for path, variable in _flat_params(state).items():
-        key, layout = path_to_hub_key(path)
-        array = np.asarray(jax.device_get(variable[...]))
-        if dtype is not None:
-            array = array.astype(dtype)
-        hf_shape = None
-        if layout == "conv":
-            v = model.config.vision
-            hf_shape = (array.shape[1], v.in_channels, v.temporal_patch_size, v.patch_size,
-                        v.patch_size)
-        yield key, np.ascontiguousarray(_from_ours(array, layout, hf_shape))
+        value = variable[...]
+        layers = range(value.shape[0]) if is_stacked(path) else [None]
+        for layer in layers:
+            key, layout = path_to_hub_key(path, layer)
+            array = np.asarray(jax.device_get(value if layer is None else value[layer]))
+            if dtype is not None:
+                array = array.astype(dtype)
+            hf_shape = None
+            if layout == "conv":
+                v = model.config.vision
+                hf_shape = (array.shape[1], v.in_channels, v.temporal_patch_size, v.patch_size,
+                            v.patch_size)
+            yield key, np.ascontiguousarray(_from_ours(array, layout, hf_shape))
 
 
 def export_model(model: Qwen25VL, output_dir: str | os.PathLike, *,

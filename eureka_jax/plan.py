@@ -432,11 +432,11 @@ def _kv_cache_bytes(model_config: Qwen25VLConfig, prompts: int, group: int, prom
     itemsize = jnp.dtype(DTYPES[model_config.compute_dtype]).itemsize
     total = 0
     for rows, length in ((prompts, prompt_length), (prompts * group, buffer_length)):
-        shape = (rows, t.num_key_value_heads, t.head_dim, length)
+        shape = (t.num_hidden_layers, rows, t.num_key_value_heads, t.head_dim, length)
         sharded = NamedSharding(context.mesh, sharding.logical_to_spec(CACHE_K_AXES, shape,
                                                                        context))
         total += 2 * math.prod(sharded.shard_shape(shape)) * itemsize
-    return total * t.num_hidden_layers
+    return total
 
 
 def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
@@ -575,13 +575,14 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
                                                  patches, response, model_config, replicated)
             forward = Program(
                 "logprob_forward", f"{chunk_prompts} prompts x {group} samples x "
-                f"({prompt_length} + {response}) tokens", forward_runs,
+                f"({prompt_length} + {response}) tokens, {loop.micro_batch_size} sequences per "
+                "pass", forward_runs,
                 vision_flops(model_config, chunk_prompts, patches)
                 + decoder_flops(model_config, chunk_prompts * group, full_length,
                                 full_length)
                 + logits_flops(model_config, chunk_prompts * group, response),
                 resident_besides=opt_bytes + ref_bytes)
-            forward_fn = make_forward_logprobs(graphdef)
+            forward_fn = make_forward_logprobs(graphdef, loop.micro_batch_size)
             add(forward, lambda: forward_fn.lower(params, rollout_batch))
         else:
             notes.append("no teacher-forced rollout forward: sampling from the policy with "

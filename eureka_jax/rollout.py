@@ -197,21 +197,7 @@ def stack_micro_batches(micro_batches: Sequence[Sequence[ScoredGroup]], buckets:
     if any(len(micro) != per_micro for micro in micro_batches):
         raise ValueError("micro-batches must hold equally many groups")
     whole = collate_groups([g for micro in micro_batches for g in micro], buckets, pad_token_id)
-
-    def cut(x):  # [M * n, ...] -> [M, n, ...]
-        return x.reshape(m, x.shape[0] // m, *x.shape[1:])
-
-    prompts = jax.tree.map(cut, whole.prompts.replace(
-        positions_3xBxT=np.moveaxis(whole.prompts.positions_3xBxT, 0, 1)))
-    prompts = prompts.replace(positions_3xBxT=np.moveaxis(prompts.positions_3xBxT, 2, 1))
-    return TrainBatch(
-        prompts=prompts,
-        prompt_index_B=cut(whole.prompt_index_B) % per_micro,
-        response_tokens_BxL=cut(whole.response_tokens_BxL),
-        response_mask_BxL=cut(whole.response_mask_BxL),
-        old_logp_BxL=cut(whole.old_logp_BxL),
-        advantages_B=cut(whole.advantages_B),
-    )
+    return cut_by_prompt(whole, m, xp=np)
 
 
 def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray, seed: int):
@@ -224,14 +210,50 @@ def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray,
     return rewards_N[order_N], accuracy_N[order_N]
 
 
-def make_forward_logprobs(graphdef):
+def cut_by_prompt(batch: TrainBatch, pieces: int, xp=jnp) -> TrainBatch:
+    """A TrainBatch whose rows are grouped by prompt (as `rollout_train_batch` and
+    `collate_groups` lay them out) -> `pieces` equal pieces, every leaf with a leading piece
+    axis; each piece holds its prompts and their responses, with prompt indices local to the
+    piece. `xp`: jnp inside a jitted function, np for host arrays."""
+    prompts_count = batch.prompts.input_ids_BxT.shape[0]
+    if prompts_count % pieces:
+        raise ValueError(f"{prompts_count} prompts do not split into {pieces} equal pieces")
+
+    def cut(x):  # [pieces * n, ...] -> [pieces, n, ...]
+        return x.reshape(pieces, x.shape[0] // pieces, *x.shape[1:])
+
+    prompts = jax.tree.map(cut, batch.prompts.replace(
+        positions_3xBxT=xp.moveaxis(batch.prompts.positions_3xBxT, 0, 1)))
+    prompts = prompts.replace(positions_3xBxT=xp.moveaxis(prompts.positions_3xBxT, 2, 1))
+    return TrainBatch(
+        prompts=prompts,
+        prompt_index_B=cut(batch.prompt_index_B) % (prompts_count // pieces),
+        response_tokens_BxL=cut(batch.response_tokens_BxL),
+        response_mask_BxL=cut(batch.response_mask_BxL),
+        old_logp_BxL=cut(batch.old_logp_BxL),
+        advantages_B=cut(batch.advantages_B),
+    )
+
+
+def make_forward_logprobs(graphdef, sequences_per_pass: int = 0):
     """jit(params, TrainBatch) -> teacher-forced log-probs [B, L] of the response tokens. Weights
     are an argument, so the policy (old log-probs, mismatch) and the reference share one
-    program."""
+    program. With `sequences_per_pass` (a multiple of the group size) the responses go through
+    the model that many at a time, whole groups with their prompts (a lax.map over
+    `cut_by_prompt` pieces), so the forward's memory is one pass's, not the rollout chunk's."""
     from flax import nnx
 
     def forward_logprobs(params, batch):
-        return response_logprobs(nnx.merge(graphdef, params), batch)[0]
+        model = nnx.merge(graphdef, params)
+        sequences = batch.response_tokens_BxL.shape[0]
+        if not sequences_per_pass or sequences <= sequences_per_pass:
+            return response_logprobs(model, batch)[0]
+        if sequences % sequences_per_pass:
+            raise ValueError(f"{sequences} sequences do not split into passes of "
+                             f"{sequences_per_pass}")
+        pieces = cut_by_prompt(batch, sequences // sequences_per_pass)
+        logp_PxSxL = jax.lax.map(lambda piece: response_logprobs(model, piece)[0], pieces)
+        return logp_PxSxL.reshape(sequences, -1)
 
     return jax.jit(forward_logprobs)
 
@@ -244,7 +266,7 @@ class RolloutWorker:
     def __init__(self, *, sampler, reward_pool, tokenizer, rl: RLConfig, buckets: Buckets,
                  pad_token_id: int, graphdef, recompute_old_logprobs: bool,
                  measure_mismatch: bool, put_on_device, ref_params=None,
-                 reward_control: str = "none", chunk: int = 0):
+                 reward_control: str = "none", chunk: int = 0, forward_sequences: int = 0):
         if (ref_params is not None) != (rl.kl_coef > 0 and rl.kl_placement == "reward"):
             raise ValueError("ref_params are needed exactly when rl.kl_coef > 0 and "
                              "rl.kl_placement == 'reward'")
@@ -263,7 +285,8 @@ class RolloutWorker:
                              f"(got {reward_control!r})")
         self.reward_control = reward_control
         self.chunk = chunk
-        self._forward_logprobs = make_forward_logprobs(graphdef)
+        # sequences per teacher-forced pass (0: a whole rollout chunk at once)
+        self._forward_logprobs = make_forward_logprobs(graphdef, forward_sequences)
 
     def run(self, params, examples: Sequence[Example], seed: int):
         """Sample, score and turn into groups one rollout of `examples`, `self.chunk` prompts

@@ -29,6 +29,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # their head / mlp / vocab dimensions over tensor; activations shard the batch over data x fsdp.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
+    ("layers", None),  # the leading axis of scanned layers' parameters and of the KV cache
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

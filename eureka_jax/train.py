@@ -360,7 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             recompute_old_logprobs=not _samples_from_policy(sampling),
             measure_mismatch=config.train_extras.measure_logprob_mismatch,
             put_on_device=put_on_device, ref_params=None if kl_in_loss else ref_params,
-            reward_control=config.train_extras.reward_control, chunk=loop.rollout_chunk)
+            reward_control=config.train_extras.reward_control, chunk=loop.rollout_chunk,
+            forward_sequences=loop.micro_batch_size)
         evaluator = None
         if config.eval.data:
             evaluator = Evaluator(

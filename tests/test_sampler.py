@@ -28,7 +28,7 @@ from eureka_jax.batching import (
 from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import KVCache, LayerKV
 from eureka_jax.processing import QwenVLProcessor
-from eureka_jax.rollout import rollout_train_batch
+from eureka_jax.rollout import make_forward_logprobs, rollout_train_batch
 from eureka_jax.sampler import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -285,15 +285,17 @@ def test_early_stop_skips_the_later_phases(model, params, processor, prompts, gr
 
 
 def test_cache_grow_keeps_the_filled_slots():
-    layer = LayerKV(prompt_k=jnp.ones((1, 1, 2, 3)), prompt_v=jnp.ones((1, 1, 3, 2)),
-                    gen_k=jnp.arange(8.0).reshape(2, 1, 2, 2),
-                    gen_v=jnp.arange(8.0).reshape(2, 1, 2, 2) + 10)
-    cache = KVCache(layers=(layer,), prompt_valid_PxT=jnp.ones((1, 3), bool))
+    # Two stacked layers [Y, N, K, H, L] / [Y, N, K, L, H], two samples, two filled slots.
+    layers = LayerKV(prompt_k=jnp.ones((2, 1, 1, 2, 3)), prompt_v=jnp.ones((2, 1, 1, 3, 2)),
+                     gen_k=jnp.arange(16.0).reshape(2, 2, 1, 2, 2),
+                     gen_v=jnp.arange(16.0).reshape(2, 2, 1, 2, 2) + 20)
+    cache = KVCache(layers=layers, prompt_valid_PxT=jnp.ones((1, 3), bool))
     grown = cache.grow(5)
-    assert grown.gen_length == 5 and grown.layers[0].gen_v.shape == (2, 1, 5, 2)
-    np.testing.assert_array_equal(grown.layers[0].gen_k[..., :2], layer.gen_k)
-    np.testing.assert_array_equal(grown.layers[0].gen_v[:, :, :2], layer.gen_v)
-    assert not grown.layers[0].gen_k[..., 2:].any() and not grown.layers[0].gen_v[:, :, 2:].any()
+    assert grown.gen_length == 5 and grown.layers.gen_v.shape == (2, 2, 1, 5, 2)
+    assert grown.layers.gen_k.shape == (2, 2, 1, 2, 5)
+    np.testing.assert_array_equal(grown.layers.gen_k[..., :2], layers.gen_k)
+    np.testing.assert_array_equal(grown.layers.gen_v[:, :, :, :2], layers.gen_v)
+    assert not grown.layers.gen_k[..., 2:].any() and not grown.layers.gen_v[:, :, :, 2:].any()
     assert cache.grow(2) is cache
     with pytest.raises(ValueError, match="shrink"):
         cache.grow(1)
@@ -334,12 +336,20 @@ def test_logprobs_match_teacher_forced_forward(dtype, model_dir, processor, prom
     assert_logprobs_agree(teacher_forced, sampled, mask, scale, LOGPROB_BOUND[dtype])
     if dtype != "float32":
         return
+    # The rollout's forward one prompt's group per pass (image prompt, then text prompt) gives
+    # the whole-batch forward's log-probs.
+    pieced = make_forward_logprobs(graphdef, sequences_per_pass=group)(state, train_batch)
+    np.testing.assert_allclose(np.asarray(pieced)[mask], np.asarray(teacher_forced)[mask],
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="do not split"):
+        make_forward_logprobs(graphdef, sequences_per_pass=3)(state, train_batch)
 
     def logits_larger(m):  # every logit 1e-5 (relative) too large
         m.norm.scale[...] *= 1 + 1e-5
 
-    def query_bias_off(m):
-        m.layers[0].self_attn.q_proj.bias[...] *= 1 + 1e-4
+    def query_bias_off(m):  # the first decoder layer's (index 0 of the stacked layer axis)
+        bias = m.layers.self_attn.q_proj.bias
+        bias[...] = bias[...].at[0].multiply(1 + 1e-4)
 
     larger, _ = forward(edited_state(graphdef, state, logits_larger), train_batch)
     biased, _ = forward(edited_state(graphdef, state, query_bias_off), train_batch)
@@ -490,7 +500,7 @@ def test_sharded_sampling_equals_unsharded(model_dir, model, params, processor, 
     with sharding.activate(mesh):
         sharded_model = hf_io.load_model(model_dir, mesh=mesh)
         graphdef, state = nnx.split(sharded_model)
-        kernel = state["layers"][0]["mlp"]["gate_proj"]["kernel"][...]
+        kernel = state["layers"]["mlp"]["gate_proj"]["kernel"][...]  # [layers, D, F]
         assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sampler = Sampler(graphdef, temperature_sampler.config)

@@ -46,8 +46,10 @@ def test_parameters_are_sharded(model_dir, mesh):
              for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     # (vocab, embed) -> (tensor, fsdp): 618 and 64 both divide by 2.
     assert specs["embed_tokens"] == PartitionSpec("tensor", "fsdp")
-    assert specs["layers.0.mlp.down_proj.kernel"] == PartitionSpec("tensor", "fsdp")
-    assert specs["layers.0.input_layernorm.scale"] == PartitionSpec(None)
+    # Stacked decoder layers: the leading layer axis is never sharded.
+    assert specs["layers.mlp.down_proj.kernel"] == PartitionSpec(None, "tensor", "fsdp")
+    assert specs["layers.input_layernorm.scale"] == PartitionSpec(None, None)
+    assert specs["visual.blocks.attn.qkv.kernel"][0] is None
     embedding = model.embed_tokens[...]
     assert len(embedding.sharding.device_set) == 8
     assert embedding.addressable_shards[0].data.shape == (618 // 2, 64 // 2)

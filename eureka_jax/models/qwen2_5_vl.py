@@ -12,6 +12,11 @@ full-attention blocks). The language model takes 3-D M-RoPE positions computed o
 `token_source` map that says which merged vision token fills each <|image_pad|> slot. Nothing in
 this file depends on the number or sizes of images, so one compiled program serves a shape bucket.
 
+Depth. The decoder layers (and the vision blocks) are one module whose parameters have a leading
+layer axis (logical name "layers", never sharded; created by nnx.vmap) and run as one lax.scan,
+so a program's size and compile time do not grow with the number of layers. `model.remat` puts
+jax.checkpoint around each scanned decoder layer. The KV cache is stacked the same way.
+
 Attention masks: a teacher-forced forward or a prefill is causal over its T tokens, with
 `kv_valid[b, s]` False on left padding; the vision tower attends within windows (a distance bound
 of one window) or images. Both go through eureka_jax/attention.py, which never materialises the
@@ -19,7 +24,8 @@ of one window) or images. Both go through eureka_jax/attention.py, which never m
 (shared by the G samples, stored once) and to its own generated tokens so far (see KVCache).
 
 Einsum letters: B batch, T query length, S key length, N heads, K kv heads, G query heads per kv
-head, H head dim, D model dim, F mlp dim, V vocab, P patches, C patch features, M merged tokens.
+head, H head dim, D model dim, F mlp dim, V vocab, P patches, C patch features, M merged tokens;
+in shape suffixes also Y layers (the scanned axis) and L generated tokens.
 """
 
 from __future__ import annotations
@@ -258,15 +264,16 @@ class VisionInputs:
 
 @struct.dataclass
 class LayerKV:
-    """One decoder layer's cache. Keys are stored transposed ([.., H, S]) so that q . k is a plain
-    [G, H] x [H, S] product per row and kv head and a decoding step never changes the cache's
-    layout (XLA otherwise transposes the whole cache every step, which on CPU cost more than the
-    attention itself)."""
+    """The cache's keys and values: in `KVCache` every array has a leading layer axis [Y, ...]
+    (Y decoder layers); the decoding scan hands one layer's slice to a layer. Keys are stored
+    transposed ([.., H, S]) so that q . k is a plain [G, H] x [H, S] product per row and kv head
+    and a decoding step never changes the cache's layout (XLA otherwise transposes the whole
+    cache every step, which on CPU cost more than the attention itself)."""
 
-    prompt_k: jax.Array  # [P, K, H, T]: the prompt's keys, once per prompt
-    prompt_v: jax.Array  # [P, K, T, H]
-    gen_k: jax.Array  # [N, K, H, L]: generated tokens' keys, once per sample
-    gen_v: jax.Array  # [N, K, L, H]
+    prompt_k: jax.Array  # [(Y,) P, K, H, T]: the prompt's keys, once per prompt
+    prompt_v: jax.Array  # [(Y,) P, K, T, H]
+    gen_k: jax.Array  # [(Y,) N, K, H, L]: generated tokens' keys, once per sample
+    gen_v: jax.Array  # [(Y,) N, K, L, H]
 
 
 @struct.dataclass
@@ -279,34 +286,33 @@ class KVCache:
     i holds the i-th generated token fed back to the model.
     """
 
-    layers: tuple[LayerKV, ...]
+    layers: LayerKV  # every layer's keys and values, stacked: [Y, ...] each
     prompt_valid_PxT: jax.Array  # bool: False on left padding
 
     @classmethod
     def from_prompt(cls, prompt_kv, prompt_valid_PxT, group: int, max_new: int) -> KVCache:
-        """The cache after a prefill: `prompt_kv` is each layer's (k, v), [P, T, K, H] each, as
+        """The cache after a prefill: `prompt_kv` is (k, v), [Y, P, T, K, H] each, as
         `Qwen25VL.decode` returns them; room for `max_new` generated tokens per sample."""
-        layers = []
-        for k_PxTxKxH, v_PxTxKxH in prompt_kv:
-            p, _, k, h = k_PxTxKxH.shape
-            n = p * group
-            layers.append(LayerKV(
-                prompt_k=constrain(k_PxTxKxH.transpose(0, 2, 3, 1), CACHE_K_AXES),
-                prompt_v=constrain(v_PxTxKxH.transpose(0, 2, 1, 3), CACHE_V_AXES),
-                gen_k=constrain(jnp.zeros((n, k, h, max_new), k_PxTxKxH.dtype), CACHE_K_AXES),
-                gen_v=constrain(jnp.zeros((n, k, max_new, h), v_PxTxKxH.dtype), CACHE_V_AXES),
-            ))
-        return cls(layers=tuple(layers), prompt_valid_PxT=prompt_valid_PxT.astype(bool))
+        k_YxPxTxKxH, v_YxPxTxKxH = prompt_kv
+        y, p, _, k, h = k_YxPxTxKxH.shape
+        n = p * group
+        layers = LayerKV(
+            prompt_k=constrain(k_YxPxTxKxH.transpose(0, 1, 3, 4, 2), CACHE_K_AXES),
+            prompt_v=constrain(v_YxPxTxKxH.transpose(0, 1, 3, 2, 4), CACHE_V_AXES),
+            gen_k=constrain(jnp.zeros((y, n, k, h, max_new), k_YxPxTxKxH.dtype), CACHE_K_AXES),
+            gen_v=constrain(jnp.zeros((y, n, k, max_new, h), v_YxPxTxKxH.dtype), CACHE_V_AXES),
+        )
+        return cls(layers=layers, prompt_valid_PxT=prompt_valid_PxT.astype(bool))
 
     @property
     def gen_length(self) -> int:
-        return self.layers[0].gen_k.shape[-1]
+        return self.layers.gen_k.shape[-1]
 
     def readable_NxS(self, gen_slot) -> jax.Array:
         """bool [N, T + L]: the keys a decoding step writing at `gen_slot` may read, the same in
         every layer: its group's prompt without the left padding, then generated slots
         0..gen_slot."""
-        n, length = self.layers[0].gen_k.shape[0], self.gen_length
+        n, length = self.layers.gen_k.shape[1], self.gen_length
         group = n // self.prompt_valid_PxT.shape[0]
         return jnp.concatenate([jnp.repeat(self.prompt_valid_PxT, group, axis=0),
                                 jnp.broadcast_to(jnp.arange(length) <= gen_slot, (n, length))],
@@ -326,13 +332,13 @@ class KVCache:
             widths[axis] = (0, extra)
             return constrain(jnp.pad(x, widths), axes)
 
-        return self.replace(layers=tuple(
-            kv.replace(gen_k=pad(kv.gen_k, 3, CACHE_K_AXES), gen_v=pad(kv.gen_v, 2, CACHE_V_AXES))
-            for kv in self.layers))
+        kv = self.layers
+        return self.replace(layers=kv.replace(gen_k=pad(kv.gen_k, 4, CACHE_K_AXES),
+                                              gen_v=pad(kv.gen_v, 3, CACHE_V_AXES)))
 
 
-CACHE_K_AXES = ("batch", "act_kv_heads", "head_dim", "cache_length")
-CACHE_V_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
+CACHE_K_AXES = ("layers", "batch", "act_kv_heads", "head_dim", "cache_length")
+CACHE_V_AXES = ("layers", "batch", "act_kv_heads", "cache_length", "head_dim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +435,35 @@ def _masked_softmax(scores, mask):
     return jax.nn.softmax(scores, axis=-1)
 
 
+def stacked(make_layer, count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers `make_layer(rngs)` as one module whose parameters have a leading layer axis
+    (prepended to their logical axes as "layers"), each layer initialised from its own keys."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def make(rngs):
+        return make_layer(rngs)
+
+    return make(rngs)
+
+
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none",
+                unroll: int | bool = 1):
+    """lax.scan of `body(layer, carry, x) -> (carry, y)` over a `stacked` module's layers (and
+    the leading axis of `xs`); jax.checkpoint around each layer unless remat is "none"."""
+    graphdef, state = nnx.split(layers)
+
+    def step(carry, layer_xs):
+        layer_state, x = layer_xs
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        # prevent_cse=False: inside a scan there is nothing for CSE to merge across layers.
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs), unroll=unroll)
+
+
 # ---------------------------------------------------------------------------------------------
 # Vision tower
 # ---------------------------------------------------------------------------------------------
@@ -445,18 +480,27 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(d, d, ("vision_qkv", "vision_embed"), use_bias=True, config=config,
                           rngs=rngs)
 
-    def __call__(self, x_BxPxD, cos_BxPxH, sin_BxPxH, segment_BxP, max_distance=None):
-        """Attention within segments (-1: padding, attends to nothing); `max_distance` bounds
-        how far apart two patches of one segment are (window blocks), which is what makes window
-        attention cost O(P * window) instead of O(P^2)."""
+    def __call__(self, x_BxPxD, cos_BxPxH, sin_BxPxH, inputs: VisionInputs, full_attention,
+                 window_distance: int):
+        """Attention within images (`full_attention`, a traced bool: the block is one of
+        fullatt_block_indexes) or within windows; -1 segments (padding) attend to nothing.
+        `window_distance` bounds how far apart two patches of one window are, which is what
+        makes window attention cost O(P * window) instead of O(P^2); lax.cond runs one of the
+        two per block."""
         b, p, d = x_BxPxD.shape
         qkv = self.qkv(x_BxPxD).reshape(b, p, 3, self.num_heads, d // self.num_heads)
         q_BxPxNxH, k_BxPxNxH, v_BxPxNxH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_BxPxNxH = _apply_rotary(q_BxPxNxH, cos_BxPxH, sin_BxPxH)
         k_BxPxNxH = _apply_rotary(k_BxPxNxH, cos_BxPxH, sin_BxPxH)
-        out_BxPxNxH = attention.attention(
-            q_BxPxNxH, k_BxPxNxH, v_BxPxNxH, causal=False, segment_ids_BxS=segment_BxP,
-            max_distance=max_distance, implementation=self.attention_impl)
+
+        def attend(segment_BxP, max_distance):
+            return attention.attention(
+                q_BxPxNxH, k_BxPxNxH, v_BxPxNxH, causal=False, segment_ids_BxS=segment_BxP,
+                max_distance=max_distance, implementation=self.attention_impl)
+
+        out_BxPxNxH = jax.lax.cond(
+            full_attention, lambda: attend(inputs.image_segment_BxP, None),
+            lambda: attend(inputs.window_segment_BxP, window_distance))
         return self.proj(out_BxPxNxH.reshape(b, p, d))
 
 
@@ -471,8 +515,10 @@ class VisionBlock(nnx.Module):
             ("vision_embed", "vision_mlp"), use_bias=True, config=config, rngs=rngs,
         )
 
-    def __call__(self, x_BxPxD, cos, sin, segment_BxP, max_distance=None):
-        x_BxPxD = x_BxPxD + self.attn(self.norm1(x_BxPxD), cos, sin, segment_BxP, max_distance)
+    def __call__(self, x_BxPxD, cos, sin, inputs: VisionInputs, full_attention,
+                 window_distance: int):
+        x_BxPxD = x_BxPxD + self.attn(self.norm1(x_BxPxD), cos, sin, inputs, full_attention,
+                                      window_distance)
         return x_BxPxD + self.mlp(self.norm2(x_BxPxD))
 
 
@@ -506,7 +552,7 @@ class VisionTower(nnx.Module):
             _normal(rngs, (vision.patch_features, vision.hidden_size), DTYPES[config.param_dtype]),
             logical_axes=("patch", "vision_embed"),
         )
-        self.blocks = nnx.List([VisionBlock(config, rngs) for _ in range(vision.depth)])
+        self.blocks = stacked(lambda rngs: VisionBlock(config, rngs), vision.depth, rngs)
         self.merger = PatchMerger(config, rngs)
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
@@ -525,12 +571,13 @@ class VisionTower(nnx.Module):
         freqs_BxPxH = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(freqs_BxPxH), jnp.sin(freqs_BxPxH)
         full_attention = set(self.config.fullatt_block_indexes)
+        full_attention_Y = jnp.asarray([i in full_attention for i in range(self.config.depth)])
         window_distance = self.config.window_patches - 1
-        for index, block in enumerate(self.blocks):
-            if index in full_attention:
-                x_BxPxD = block(x_BxPxD, cos, sin, inputs.image_segment_BxP)
-            else:
-                x_BxPxD = block(x_BxPxD, cos, sin, inputs.window_segment_BxP, window_distance)
+
+        def block_fn(block, x_BxPxD, full):
+            return block(x_BxPxD, cos, sin, inputs, full, window_distance), None
+
+        x_BxPxD, _ = scan_layers(self.blocks, block_fn, x_BxPxD, full_attention_Y)
         return self.merger(x_BxPxD)
 
 
@@ -563,14 +610,20 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, readable_NxS):
         return jnp.einsum(spec, query, keys, preferred_element_type=jnp.float32,
                           precision=precision) * (h**-0.5)
 
-    prompt_scores_PxRxKxGxT = scores_of("prkgh,pkht->prkgt",
-                                        q_NxKxGxH.reshape(p, n // p, k, g, h), kv.prompt_k)
+    # The prompt products take float32 operands (exact for bfloat16 values, so the same
+    # arithmetic as bfloat16 operands with float32 accumulation): XLA:CPU has no kernel for a
+    # bfloat16 x bfloat16 -> float32 batched dot once the layer's cache is a slice of the
+    # stacked one, and on TPU the convert fuses into the dot.
+    prompt_k, prompt_v = kv.prompt_k.astype(jnp.float32), kv.prompt_v.astype(jnp.float32)
+    prompt_scores_PxRxKxGxT = scores_of(
+        "prkgh,pkht->prkgt", q_NxKxGxH.reshape(p, n // p, k, g, h).astype(jnp.float32), prompt_k)
     scores_NxKxGxS = jnp.concatenate(
         [prompt_scores_PxRxKxGxT.reshape(n, k, g, t),
          scores_of("nkgh,nkhl->nkgl", q_NxKxGxH, kv.gen_k)], axis=-1)
     probs = _masked_softmax(scores_NxKxGxS, readable_NxS[:, None, None, :]).astype(kv.gen_v.dtype)
-    prompt_out = jnp.einsum("prkgt,pkth->prkgh", probs[..., :t].reshape(p, n // p, k, g, t),
-                            kv.prompt_v, preferred_element_type=jnp.float32, precision=precision)
+    prompt_out = jnp.einsum("prkgt,pkth->prkgh",
+                            probs[..., :t].reshape(p, n // p, k, g, t).astype(jnp.float32),
+                            prompt_v, preferred_element_type=jnp.float32, precision=precision)
     gen_out = jnp.einsum("nkgl,nklh->nkgh", probs[..., t:], kv.gen_v,
                          preferred_element_type=jnp.float32, precision=precision)
     return (prompt_out.reshape(n, k, g, h) + gen_out).astype(q_NxKxGxH.dtype)
@@ -612,19 +665,18 @@ class Attention(nnx.Module):
         return self.o_proj(out_BxTxNxH.reshape(b, t, -1)), (k_BxTxKxH, v_BxTxKxH)
 
     def step(self, x_Nx1xD, cos, sin, kv: LayerKV, readable_NxS, gen_slot):
-        """One token per sample: write its (k, v) at gen_slot, attend, return the new cache."""
+        """One token per sample: attend with its (k, v) at gen_slot of this layer's cache;
+        returns the output and the token's (k [N, K, H, 1], v [N, K, 1, H]) for the cache."""
         n = x_Nx1xD.shape[0]
         q_Nx1xKxGxH, k_Nx1xKxH, v_Nx1xKxH = self._project(x_Nx1xD, cos, sin)
+        new_k_NxKxHx1 = k_Nx1xKxH.transpose(0, 2, 3, 1).astype(kv.gen_k.dtype)
+        new_v_NxKx1xH = v_Nx1xKxH.transpose(0, 2, 1, 3).astype(kv.gen_v.dtype)
         kv = kv.replace(
-            gen_k=jax.lax.dynamic_update_slice(
-                kv.gen_k, k_Nx1xKxH.transpose(0, 2, 3, 1).astype(kv.gen_k.dtype),
-                (0, 0, 0, gen_slot)),
-            gen_v=jax.lax.dynamic_update_slice(
-                kv.gen_v, v_Nx1xKxH.transpose(0, 2, 1, 3).astype(kv.gen_v.dtype),
-                (0, 0, gen_slot, 0)),
+            gen_k=jax.lax.dynamic_update_slice(kv.gen_k, new_k_NxKxHx1, (0, 0, 0, gen_slot)),
+            gen_v=jax.lax.dynamic_update_slice(kv.gen_v, new_v_NxKx1xH, (0, 0, gen_slot, 0)),
         )
         out_NxKxGxH = _decode_attention(q_Nx1xKxGxH[:, 0], kv, readable_NxS)
-        return self.o_proj(out_NxKxGxH.reshape(n, 1, -1)), kv
+        return self.o_proj(out_NxKxGxH.reshape(n, 1, -1)), (new_k_NxKxHx1, new_v_NxKx1xH)
 
 
 class DecoderLayer(nnx.Module):
@@ -648,13 +700,9 @@ class DecoderLayer(nnx.Module):
         return self._finish(x_BxTxD, attn_out), kv
 
     def step(self, x_Nx1xD, cos, sin, kv: LayerKV, readable_NxS, gen_slot):
-        attn_out, kv = self.self_attn.step(self.input_layernorm(x_Nx1xD), cos, sin, kv,
-                                           readable_NxS, gen_slot)
-        return self._finish(x_Nx1xD, attn_out), kv
-
-
-def _apply_layer(layer, x, cos, sin, kv_valid):
-    return layer(x, cos, sin, kv_valid)
+        attn_out, new_kv = self.self_attn.step(self.input_layernorm(x_Nx1xD), cos, sin, kv,
+                                               readable_NxS, gen_slot)
+        return self._finish(x_Nx1xD, attn_out), new_kv
 
 
 class Qwen25VL(nnx.Module):
@@ -669,7 +717,8 @@ class Qwen25VL(nnx.Module):
             _normal(rngs, (text.vocab_size, text.hidden_size), DTYPES[config.param_dtype]),
             logical_axes=("vocab", "embed"),
         )
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(text.num_hidden_layers)])
+        self.layers = stacked(lambda rngs: DecoderLayer(config, rngs), text.num_hidden_layers,
+                              rngs)
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps, config)
         self.lm_head = (
             None
@@ -698,16 +747,15 @@ class Qwen25VL(nnx.Module):
 
     def decode(self, x_BxTxD, positions_3xBxT, kv_valid_BxT):
         """Decoder stack over T tokens, causal (teacher forcing, or a prefill). Returns the final
-        hidden states and each layer's (k, v) [B, T, K, H] for `KVCache.from_prompt`."""
+        hidden states and every layer's (k, v) [Y, B, T, K, H] for `KVCache.from_prompt` (a
+        caller that drops them costs nothing: the scan's unused outputs are removed)."""
         cos, sin = self._rotary(positions_3xBxT)
-        layer_fn = _apply_layer
-        if self.config.remat != "none":
-            layer_fn = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.config.remat])
-        kvs = []
-        for layer in self.layers:
-            x_BxTxD, kv = layer_fn(layer, x_BxTxD, cos, sin, kv_valid_BxT)
-            kvs.append(kv)
-        return self.norm(x_BxTxD), tuple(kvs)
+
+        def layer_fn(layer, x_BxTxD, _):
+            return layer(x_BxTxD, cos, sin, kv_valid_BxT)
+
+        x_BxTxD, kv = scan_layers(self.layers, layer_fn, x_BxTxD, remat=self.config.remat)
+        return self.norm(x_BxTxD), kv
 
     def text_rotary_table(self, length: int):
         """cos, sin [S, H] of text positions 0..length-1 (a text token's three M-RoPE components
@@ -723,11 +771,18 @@ class Qwen25VL(nnx.Module):
         cos_SxH, sin_SxH = rotary_table
         cos, sin = cos_SxH[position_N[:, None]], sin_SxH[position_N[:, None]]
         readable_NxS = cache.readable_NxS(gen_slot)  # once per step, not once per layer
-        layers = []
-        for layer, kv in zip(self.layers, cache.layers, strict=True):
-            x_Nx1xD, kv = layer.step(x_Nx1xD, cos, sin, kv, readable_NxS, gen_slot)
-            layers.append(kv)
-        return self.norm(x_Nx1xD), cache.replace(layers=tuple(layers))
+
+        def layer_fn(layer, x_Nx1xD, kv):
+            return layer.step(x_Nx1xD, cos, sin, kv, readable_NxS, gen_slot)
+
+        x_Nx1xD, (new_k_YxNxKxHx1, new_v_YxNxKx1xH) = scan_layers(
+            self.layers, layer_fn, x_Nx1xD, cache.layers)
+        # Written once for all layers, in place: the scan reads the cache and writes no copy.
+        kv = cache.layers
+        kv = kv.replace(
+            gen_k=jax.lax.dynamic_update_slice(kv.gen_k, new_k_YxNxKxHx1, (0, 0, 0, 0, gen_slot)),
+            gen_v=jax.lax.dynamic_update_slice(kv.gen_v, new_v_YxNxKx1xH, (0, 0, 0, gen_slot, 0)))
+        return self.norm(x_Nx1xD), cache.replace(layers=kv)
 
     def _rotary(self, positions_3xBxT):
         text = self.config.text
