@@ -88,3 +88,15 @@ def to_host(tree):
         return jax.device_get(x)
 
     return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is True on any process; a collective that every process must call."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())

@@ -444,6 +444,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 writer.advance(step, metrics)
                 last = metrics
 
+                # A SIGTERM reaches the processes at different moments: they agree on it, so that
+                # all save and stop after the same step (orbax's save waits for every process).
+                checkpointer.preempted = distributed.any_process(checkpointer.preempted)
                 if checkpointer.should_save(step) or step == loop.num_steps:
                     checkpointer.save(step, {"params": params, "opt_state": opt_state}, {
                         "data_iterator": data_iter.get_state(),
