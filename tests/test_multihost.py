@@ -150,6 +150,29 @@ def test_resume_after_one_process_is_killed(tiny_run, tmp_path):
     assert_same_run(by_step(workdir), uninterrupted)
 
 
+def test_sigterm_to_one_process_stops_both_after_the_same_checkpoint(tiny_run, tmp_path):
+    """A preemption notice reaches one host first: both save the same step and exit cleanly."""
+    overrides, _ = tiny_run
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        while not (workdir / "checkpoints" / "1").exists():
+            assert launcher.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no first checkpoint in time"
+            time.sleep(0.2)
+        os.kill(training_pid(workdir, process_id=1), signal.SIGTERM)
+        output = launcher.communicate(timeout=120)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    saved = [line.split("step ")[1] for line in output.splitlines()
+             if "SIGTERM: checkpoint saved at step" in line]
+    assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]
+    assert int(saved[0].split(";")[0]) < 4
+
+
 def training_pid(workdir, process_id):
     """The pid of the trainer (python -m eureka_jax.cli) that is process `process_id` of the
     run in `workdir`, found through /proc."""
