@@ -73,3 +73,30 @@ def _seconds(name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value}")
     return value
+
+
+def to_host(tree):
+    """jax.device_get that also works for arrays spread over several processes' devices: those
+    are gathered (process_allgather, a collective every process must call), so every process gets
+    the whole array. Replicated and local arrays are read directly."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is True on any process; a collective that every process must call."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())

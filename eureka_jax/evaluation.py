@@ -7,9 +7,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
+from eureka_jax import distributed
 from eureka_jax.batching import Buckets, collate_prompts, prompt_row
 from eureka_jax.data import BadRecordError, Record, load_records
 from eureka_jax.errors import InputError
@@ -93,7 +93,7 @@ class Evaluator:
                 pad_token_id=self.processor.pad_token_id,
                 prompt_keys=[e.index for e in padded]))
             output = self.sampler(params, batch, self.seed)
-            tokens, lengths = jax.device_get((output.tokens_NxL, output.lengths_N))
+            tokens, lengths = distributed.to_host((output.tokens_NxL, output.lengths_N))
             texts += decode_texts(tokenizer, tokens[:len(chunk) * k], lengths[:len(chunk) * k])
             examples.extend(chunk)
         answers = [e.answer for e in examples for _ in range(k)]

@@ -54,6 +54,23 @@ class MetricsWriter:
         self._tensorboard.close()
 
 
+class NullWriter:
+    """MetricsWriter's interface, writing nothing: what processes other than 0 of a multi-host
+    run use, so that one run has one set of logs."""
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class JsonlAppender:
     """One JSON object per line, appended to a file that a resumed run keeps extending.
 

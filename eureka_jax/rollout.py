@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eureka_jax import grpo
+from eureka_jax import distributed, grpo
 from eureka_jax.batching import (
     Buckets,
     PromptRow,
@@ -305,7 +305,7 @@ class RolloutWorker:
                 [e.row for e in chunk], self.buckets, pad_token_id=self.pad_token_id,
                 prompt_keys=[e.index for e in chunk]))
             output = self.sampler(params, prompts, seed)
-            tokens, logprobs, lengths, finish = jax.device_get(
+            tokens, logprobs, lengths, finish = distributed.to_host(
                 (output.tokens_NxL, output.logprobs_NxL, output.lengths_N, output.finish_N))
             sample_time += time.perf_counter() - chunk_started
             outputs.append((tokens, logprobs, lengths, finish))
@@ -330,8 +330,8 @@ class RolloutWorker:
         answers = [a for _, chunk_answers, _ in handles for a in chunk_answers]
         tokens, logprobs, lengths, finish = (np.concatenate(parts)
                                              for parts in zip(*outputs, strict=True))
-        forward_logp = np.concatenate(jax.device_get(forward_logps)) if forward_logps else None
-        ref_logp = np.concatenate(jax.device_get(ref_logps)) if ref_logps else None
+        forward_logp = np.concatenate(distributed.to_host(forward_logps)) if forward_logps else None
+        ref_logp = np.concatenate(distributed.to_host(ref_logps)) if ref_logps else None
         reward_time = time.perf_counter() - started
 
         rewards = np.asarray([r.reward for r in results], np.float32)

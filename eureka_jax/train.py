@@ -29,13 +29,13 @@ import optax
 from etils import epath
 from flax import nnx
 
-from eureka_jax import batching, grpo, hf_io, sharding
+from eureka_jax import batching, distributed, grpo, hf_io, sharding
 from eureka_jax.checkpointing import Checkpointer, abstract_like, pack_arrays, unpack_arrays
 from eureka_jax.configs_common import validate_config
 from eureka_jax.data import PipelineConfig, make_pipeline, open_source
 from eureka_jax.errors import InputError
 from eureka_jax.evaluation import Evaluator, make_preprocess
-from eureka_jax.metrics import MetricsWriter, plot_curves
+from eureka_jax.metrics import MetricsWriter, NullWriter, plot_curves
 from eureka_jax.models.qwen2_5_vl import Qwen25VL
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.rewards import RewardConfig, RewardPool
@@ -264,8 +264,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     """Run (or resume) training; returns the last step's metrics."""
     validate_config(config)
     workdir = as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # On several processes (hosts) process 0 alone writes the run's files; every process calls
+    # the checkpointer, which orbax needs for a multi-process save or restore.
+    primary = distributed.is_primary()
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     rl = RLConfig.from_dict(config.rl)
     loop = LoopConfig(**config.train)
     group = rl.num_generations
@@ -288,6 +292,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                                    patches=tuple(config.data.patch_buckets))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
+        # Every process holds the same host data (below), so placing it replicated over the
+        # whole mesh is one global array on all of them.
         def put_on_device(tree):
             return jax.device_put(tree, replicated)
 
@@ -323,11 +329,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         preprocess = make_preprocess(processor, model_config=model_config,
                                      system_prompt=config.data.system_prompt,
                                      max_prompt_length=max(buckets.lengths))
+        # Every process reads the whole dataset in the same seeded order (one shard), so a step
+        # trains on the same records whatever the number of processes, each process's iterator
+        # is in the same state, and the one state in the checkpoint resumes them all.
         source = open_source(config.data.train)
         pipeline = make_pipeline(source, preprocess, PipelineConfig(
             batch_size=loop.prompts_per_rollout, seed=config.seed, shuffle=True,
             num_epochs=None, skip_bad_records=config.data.skip_bad_records,
-            num_threads=config.data.num_threads))
+            num_threads=config.data.num_threads), process_index=0, process_count=1)
         data_iter = iter(pipeline)
         if host:
             data_iter.set_state(host["data_iterator"])
@@ -363,8 +372,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 max_new_tokens=config.sampling.max_new_tokens, stop_token_ids=stop_ids,
                 reward_pool=reward_pool, put_on_device=put_on_device)
 
-        writer = MetricsWriter(workdir, loop.num_steps, step,
-                               show_progress=config.train_extras.progress_bar)
+        writer = (MetricsWriter(workdir, loop.num_steps, step,
+                                show_progress=config.train_extras.progress_bar)
+                  if primary else NullWriter())
         last: dict[str, Any] = {}
         try:
             if step == 0 and evaluator is not None:
@@ -409,7 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                         params, opt_state, ref_params if kl_in_loss else None, batches,
                         put_on_device(scales_M))
                     outputs.append((out, scales_M))
-                update_metrics = _update_metrics(jax.device_get(outputs))  # one fetch a step
+                update_metrics = _update_metrics(distributed.to_host(outputs))  # one fetch a step
                 if update_metrics:
                     _check_finite(step, update_metrics)
                 update_time = time.perf_counter() - update_started
@@ -434,6 +444,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 writer.advance(step, metrics)
                 last = metrics
 
+                # A SIGTERM reaches the processes at different moments: they agree on it, so that
+                # all save and stop after the same step (orbax's save waits for every process).
+                checkpointer.preempted = distributed.any_process(checkpointer.preempted)
                 if checkpointer.should_save(step) or step == loop.num_steps:
                     checkpointer.save(step, {"params": params, "opt_state": opt_state}, {
                         "data_iterator": data_iter.get_state(),
@@ -446,7 +459,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             checkpointer.close()
             reward_pool.close()
             writer.close()
-        plot_curves(workdir)
+        if primary:
+            plot_curves(workdir)
         return last
 
 

@@ -1,8 +1,12 @@
-"""Several CPU processes as one JAX run (launch/local_multihost.sh, eureka_jax/distributed.py).
+"""Several CPU processes as one JAX run (launch/local_multihost.sh, eureka_jax/distributed.py),
+and the trainer run that way: 2 processes x 4 devices train like 1 process x 8 devices, and
+resume after one of them is killed.
 
-Each test starts two small processes (a few seconds each on a busy machine); every subprocess
-has a timeout, so a hang fails the test instead of stalling the suite."""
+Each launcher test starts two small processes (a few seconds each on a busy machine; the training
+runs take a minute or two); every subprocess has a timeout, so a hang fails the test instead of
+stalling the suite."""
 
+import math
 import os
 import signal
 import socket
@@ -13,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from eureka_jax import cli, distributed
+from eureka_jax import cli, distributed, testing
+from eureka_jax.configs_common import load_config_file
+from eureka_jax.data import make_synthetic
+from eureka_jax.metrics import read_metrics
+from eureka_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "local_multihost.sh"
@@ -41,6 +49,144 @@ print(f"primary={distributed.is_primary()} sum={float(total)} ids={ids.ravel().t
 def launch(num_processes, devices, *command, timeout=90):
     return subprocess.run(["bash", str(LAUNCHER), str(num_processes), str(devices), *command],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer on two processes
+# ---------------------------------------------------------------------------------------------
+
+TINY = ROOT / "configs" / "tiny_cpu.py"
+# The smoke run of tests/test_train.py on a (2, 2, 2) mesh, which spans both processes' devices;
+# 4 steps, eval at steps 0, 2 and 4, a checkpoint after every step.
+OVERRIDES = {"data.system_prompt": "Answer.", "rewards.num_workers": 0,
+             "train_extras.progress_bar": False, "checkpoint.every": 1,
+             "checkpoint.async_save": False, "train.num_steps": 4, "eval.every": 2,
+             "rl.entropy_coef": 0.01, "mesh.shape": (2, 2, 2)}
+TRAIN_TIMEOUT = 400
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(overrides naming the model and data, metrics by step of a 2 x 4 launcher run)."""
+    root = tmp_path_factory.mktemp("multihost_train")
+    model_dir = testing.make_hf_model_dir(root / "model", initializer_range=0.2)
+    data = make_synthetic(root / "data", num_train=32, num_eval=8, seed=0,
+                          tasks=("colour", "count"))
+    overrides = {**OVERRIDES, "model.path": str(model_dir), "data.train": str(data.train_jsonl),
+                 "eval.data": str(data.eval_jsonl)}
+    workdir = root / "two_processes"
+    done = subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return overrides, by_step(workdir)
+
+
+def train_command(workdir, overrides):
+    """`local_multihost.sh 2 4 eureka-jax train ...` (the CLI as a module of this checkout)."""
+    return ["bash", str(LAUNCHER), "2", "4", sys.executable, "-m", "eureka_jax.cli", "train",
+            f"--config={TINY}:smoke", f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def by_step(workdir):
+    """Last record per step (a resumed run repeats the step that was in flight)."""
+    records = {}
+    for record in read_metrics(workdir):
+        records.setdefault(record["step"], {}).update(record)
+    return records
+
+
+def assert_same_run(a, b):
+    """Rewards, lengths and eval accuracy equal; the update's figures within float rounding
+    (the reductions run over other devices in another order)."""
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]
+    assert all("eval/accuracy" in a[step] for step in (0, 2, 4))
+    for step in a:
+        equal = [k for k in a[step] if k.startswith("reward/")
+                 or k in ("response_length/mean", "eval/accuracy")]
+        assert {k: a[step][k] for k in equal} == {k: b[step][k] for k in equal}, step
+        for key in ("loss", "grad_norm") if step else ():
+            assert math.isclose(a[step][key], b[step][key], rel_tol=0, abs_tol=1e-5), (
+                step, key, a[step][key], b[step][key])
+    assert a[4]["grad_norm"] > 1e-3  # a real update was compared
+
+
+def test_two_processes_train_like_one(tiny_run, tmp_path):
+    overrides, two = tiny_run
+    config = load_config_file(TINY, "smoke")
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    train(config, tmp_path)  # this process: 8 fake devices (conftest)
+    assert_same_run(by_step(tmp_path), two)
+    # Process 1 wrote nothing of its own: one config, one metrics line per step.
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
+
+
+def test_resume_after_one_process_is_killed(tiny_run, tmp_path):
+    overrides, uninterrupted = tiny_run
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        # Orbax renames a step's directory into place once every process has written it.
+        while not (workdir / "checkpoints" / "2").exists():
+            assert launcher.poll() is None, "the run ended before its second checkpoint"
+            assert time.monotonic() < deadline, "no second checkpoint in time"
+            time.sleep(0.2)
+        os.kill(training_pid(workdir, process_id=1), signal.SIGKILL)
+        # The launcher stops process 0 and reports the killed one's status.
+        assert launcher.wait(timeout=60) == 128 + signal.SIGKILL
+    finally:
+        launcher.kill()
+    assert 4 not in by_step(workdir)  # it was killed before the end
+
+    done = subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Resumed, not restarted: a fresh run would evaluate step 0 again.
+    assert [r["step"] for r in read_metrics(workdir)].count(0) == 1
+    assert_same_run(by_step(workdir), uninterrupted)
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_checkpoint(tiny_run, tmp_path):
+    """A preemption notice reaches one host first: both save the same step and exit cleanly."""
+    overrides, _ = tiny_run
+    workdir = tmp_path / "run"
+    launcher = subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        while not (workdir / "checkpoints" / "1").exists():
+            assert launcher.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no first checkpoint in time"
+            time.sleep(0.2)
+        os.kill(training_pid(workdir, process_id=1), signal.SIGTERM)
+        output = launcher.communicate(timeout=120)[0]
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    saved = [line.split("step ")[1] for line in output.splitlines()
+             if "SIGTERM: checkpoint saved at step" in line]
+    assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]
+    assert int(saved[0].split(";")[0]) < 4
+
+
+def training_pid(workdir, process_id):
+    """The pid of the trainer (python -m eureka_jax.cli) that is process `process_id` of the
+    run in `workdir`, found through /proc."""
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (arguments[1:3] == [b"-m", b"eureka_jax.cli"]
+                and f"--workdir={workdir}".encode() in arguments
+                and f"{distributed.PROCESS_ID}={process_id}".encode() in environment):
+            return int(entry.name)
+    raise AssertionError(f"no process {process_id} of the run in {workdir}")
 
 
 def test_two_processes_reduce_over_one_mesh():
