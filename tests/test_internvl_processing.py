@@ -180,11 +180,34 @@ def test_tiles_bit_exact(label):
 
 def test_tiles_bit_exact_at_internvl_size():
     """448-pixel tiles, up to 12 per image, ImageNet mean/std (InternVL2.5's own settings)."""
-    for width, height in ((1000, 700), (448, 448), (300, 1200)):
+    for width, height in ((1000, 700), (448, 448), (300, 1200), (2048, 1536)):
         image = draw_image(width, height, seed=width)
         ours = tile_image(image, INTERNVL_TILES)
         theirs, counts = _hf_tiles([image], INTERNVL_TILES)
         assert counts == [len(ours)]
+        assert np.array_equal(ours, theirs), float(np.abs(ours - theirs).max())
+
+
+@pytest.mark.parametrize("min_tiles,max_tiles", [(1, 1), (2, 4), (1, 12)])
+def test_tiles_bit_exact_other_tile_counts(min_tiles, max_tiles):
+    settings = dataclasses.replace(INTERNVL_TILES, tile_size=TILE, min_tiles=min_tiles,
+                                   max_tiles=max_tiles)
+    for width, height in ((56, 56), (120, 33), (20, 90), (400, 300)):
+        image = draw_image(width, height, seed=width + height)
+        ours = tile_image(image, settings)
+        theirs, counts = _hf_tiles([image], settings)
+        assert counts == [len(ours)] == [settings.tiles_for(height, width)]
+        assert np.array_equal(ours, theirs), float(np.abs(ours - theirs).max())
+
+
+def test_tiles_bit_exact_palette_with_transparency_and_la():
+    settings = dataclasses.replace(INTERNVL_TILES, tile_size=TILE)
+    palette = draw_image(64, 40, seed=11).quantize(16)
+    palette.info["transparency"] = 3
+    la = draw_image(50, 75, seed=12, mode="RGBA").convert("LA")
+    for image in (palette, la):
+        ours = tile_image(image, settings)
+        theirs, _ = _hf_tiles([image], settings)
         assert np.array_equal(ours, theirs), float(np.abs(ours - theirs).max())
 
 
@@ -267,6 +290,15 @@ def test_tile_budget_per_prompt(model_dir):
     fewer = InternVLPromptProcessor.from_pretrained(model_dir, max_tiles_per_prompt=8,
                                                     max_tiles_per_image=2)
     assert fewer.encode(question="q", images=[wide, wide]).tiles_per_image == (3, 3)
+
+
+def test_tokenizer_without_internvl_tokens(tmp_path):
+    path = make_internvl_dir(tmp_path / "qwen")
+    tiles = (path / "preprocessor_config.json").read_text()
+    make_tokenizer_dir(path)  # the plain Qwen tokenizer: no <img>, </img>, <IMG_CONTEXT>
+    (path / "preprocessor_config.json").write_text(tiles)
+    with pytest.raises(InputError, match="does not treat <img> as one special token"):
+        InternVLPromptProcessor.from_pretrained(path)
 
 
 def test_placeholder_mismatch(model_dir):

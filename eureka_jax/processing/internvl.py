@@ -291,9 +291,9 @@ class InternVLPromptProcessor:
             int(tokenizer.eos_token_id),)
 
     def _token_id(self, token: str) -> int:
-        ids = self.tokenizer.encode(token, add_special_tokens=False)
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if len(ids) != 1 or ids[0] != token_id:
+        if (token_id is None or token_id == self.tokenizer.unk_token_id
+                or token not in self.tokenizer.get_added_vocab()):
             raise InputError(f"the tokenizer does not treat {token} as one special token: use an "
                              "InternVL tokenizer (its added tokens include <img>, </img>, "
                              "<IMG_CONTEXT>)")
