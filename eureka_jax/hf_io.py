@@ -14,13 +14,15 @@ loaded per device from the per-layer tensors and exported back to them one layer
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import struct as pystruct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -81,43 +83,75 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern + "$")
 
 
-_HF_TO_OURS = tuple((_template_regex(hf), ours, layout) for hf, ours, layout in _RULES)
-_OURS_TO_HF = tuple((_template_regex(ours), hf, layout) for hf, ours, layout in _RULES)
+@dataclasses.dataclass(frozen=True)
+class NameTable:
+    """One model family's (HF key template, parameter path template, layout) rules, the key
+    prefixes normalised before matching (`aliases`), and the HF keys a checkpoint may carry that
+    the port drops (`droppable`: a tied checkpoint's stored lm_head)."""
+
+    family: str
+    rules: tuple[tuple[str, str, str], ...]
+    aliases: tuple[tuple[str, str], ...] = ()
+    droppable: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def _hf_to_ours(self):
+        return tuple((_template_regex(hf), ours, layout) for hf, ours, layout in self.rules)
+
+    @functools.cached_property
+    def _ours_to_hf(self):
+        return tuple((_template_regex(ours), hf, layout) for hf, ours, layout in self.rules)
+
+    def hub_key_to_path(self, key: str) -> tuple[str, str, int | None] | None:
+        """(parameter path, layout, layer index or None if not a stacked layer's) for a HF
+        tensor name, or None if the port has no such tensor."""
+        for old, new in self.aliases:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        for pattern, template, layout in self._hf_to_ours:
+            match = pattern.match(key)
+            if match:
+                fields = match.groupdict()
+                layer = fields.pop("i", None)
+                if layer is not None and not layer.isdigit():
+                    return None
+                return template.format(**fields), layout, None if layer is None else int(layer)
+        return None
+
+    def path_to_hub_key(self, path: str, layer: int | None = None) -> tuple[str, str]:
+        """(HF tensor name, layout) for a parameter path; `layer` for a stacked one."""
+        for pattern, template, layout in self._ours_to_hf:
+            match = pattern.match(path)
+            if match:
+                if ("{i}" in template) != (layer is not None):
+                    raise KeyError(f"parameter {path}: a layer index is needed exactly for a "
+                                   f"stacked parameter (got {layer})")
+                return template.format(**match.groupdict(), i=layer), layout
+        raise KeyError(f"no Hugging Face name for parameter {path}")
+
+    def is_stacked(self, path: str) -> bool:
+        """Whether a parameter path is a stacked layer's (a leading layer axis)."""
+        return any(pattern.match(path) and "{i}" in template
+                   for pattern, template, _ in self._ours_to_hf)
+
+
+QWEN_NAMES = NameTable("Qwen2.5-VL", _RULES, _ALIASES, droppable=("lm_head.weight",))
 
 
 def hub_key_to_path(key: str) -> tuple[str, str, int | None] | None:
     """(parameter path, layout, layer index or None if not a stacked layer's) for a HF tensor
     name, or None if the port has no such tensor."""
-    for old, new in _ALIASES:
-        if key.startswith(old):
-            key = new + key[len(old):]
-    for pattern, template, layout in _HF_TO_OURS:
-        match = pattern.match(key)
-        if match:
-            fields = match.groupdict()
-            layer = fields.pop("i", None)
-            if layer is not None and not layer.isdigit():
-                return None
-            return template.format(**fields), layout, None if layer is None else int(layer)
-    return None
+    return QWEN_NAMES.hub_key_to_path(key)
 
 
 def path_to_hub_key(path: str, layer: int | None = None) -> tuple[str, str]:
     """(HF tensor name, layout) for a parameter path of Qwen25VL; `layer` for a stacked one."""
-    for pattern, template, layout in _OURS_TO_HF:
-        match = pattern.match(path)
-        if match:
-            if ("{i}" in template) != (layer is not None):
-                raise KeyError(f"parameter {path}: a layer index is needed exactly for a "
-                               f"stacked parameter (got {layer})")
-            return template.format(**match.groupdict(), i=layer), layout
-    raise KeyError(f"no Hugging Face name for parameter {path}")
+    return QWEN_NAMES.path_to_hub_key(path, layer)
 
 
 def is_stacked(path: str) -> bool:
     """Whether a parameter path is a stacked layer's (a leading layer axis)."""
-    return any(pattern.match(path) and "{i}" in template
-               for pattern, template, _ in _OURS_TO_HF)
+    return QWEN_NAMES.is_stacked(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +263,11 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
 
 
 def read_config(model_dir: Path, **runtime) -> Qwen25VLConfig:
+    return Qwen25VLConfig.from_hf_dict(read_config_json(model_dir), **runtime)
+
+
+def read_config_json(model_dir: Path) -> dict:
+    """A HF directory's config.json as a dict, with InputErrors that say what is wrong."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.exists():
         raise InputError(f"{model_dir}: no config.json; is this a Hugging Face model directory?")
@@ -236,7 +275,7 @@ def read_config(model_dir: Path, **runtime) -> Qwen25VLConfig:
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{config_file}: not valid JSON ({e})") from e
-    return Qwen25VLConfig.from_hf_dict(hf_config, **runtime)
+    return hf_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +303,10 @@ def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
     return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
 
 
-def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> nnx.State:
-    """Fill an abstract parameter state from a HF directory, tensor by tensor, shard by shard."""
+def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None,
+                names: NameTable = QWEN_NAMES) -> nnx.State:
+    """Fill an abstract parameter state from a HF directory, tensor by tensor, shard by shard;
+    `names` maps the family's HF keys to parameter paths."""
     model_dir = Path(model_dir)
     files = _weight_files(model_dir)
     opened: dict[Path, SafetensorsFile] = {}
@@ -276,10 +317,10 @@ def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> n
     layout_of: dict[str, str] = {}
     unexpected = []
     for key in files:
-        mapped = hub_key_to_path(key)
+        mapped = names.hub_key_to_path(key)
         if mapped is None or mapped[0] not in wanted or (
                 mapped[2] is not None and mapped[2] >= wanted[mapped[0]].shape[0]):
-            if key == "lm_head.weight":  # some tied checkpoints still store it
+            if key in names.droppable:  # e.g. some tied checkpoints still store lm_head
                 continue
             unexpected.append(key)
             continue
@@ -287,12 +328,12 @@ def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> n
         found.setdefault(path, {})[layer] = key
         layout_of[path] = layout
     if unexpected:
-        raise InputError(f"{model_dir}: tensors the Qwen2.5-VL port does not know: "
+        raise InputError(f"{model_dir}: tensors the {names.family} port does not know: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     missing = []
     for path, variable in sorted(wanted.items()):
-        layers = range(variable.shape[0]) if is_stacked(path) else [None]
-        missing += [path_to_hub_key(path, layer)[0] for layer in layers
+        layers = range(variable.shape[0]) if names.is_stacked(path) else [None]
+        missing += [names.path_to_hub_key(path, layer)[0] for layer in layers
                     if layer not in found.get(path, {})]
     if missing:
         raise InputError(f"{model_dir}: checkpoint is missing {len(missing)} tensors, e.g. "
@@ -315,7 +356,7 @@ def load_params(model_dir: Path, abstract_state: nnx.State, shardings=None) -> n
     def load_one(path: str, variable: nnx.Variable):
         keys, layout = found[path], layout_of[path]
         ours_shape, dtype = tuple(variable.shape), variable.dtype
-        stacked = is_stacked(path)
+        stacked = names.is_stacked(path)
         for key in keys.values():
             check_shape(key, layout, ours_shape[1:] if stacked else ours_shape)
 
@@ -363,34 +404,50 @@ def load_model(model: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
 
 def hf_tensors(model: Qwen25VL, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(hub key, host array) pairs, one parameter (of one layer) at a time."""
+    v = model.config.vision
+    conv = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return param_tensors(model, QWEN_NAMES, conv, dtype)
+
+
+def param_tensors(model: nnx.Module, names: NameTable, conv_shape: tuple[int, ...],
+                  dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(hub key, host array) pairs of a model's parameters under `names`, one parameter (of one
+    layer) at a time; `conv_shape` is a "conv" kernel's HF shape after its output dimension."""
     state = nnx.state(model, nnx.Param)
     for path, variable in _flat_params(state).items():
         value = variable[...]
-        layers = range(value.shape[0]) if is_stacked(path) else [None]
+        layers = range(value.shape[0]) if names.is_stacked(path) else [None]
         for layer in layers:
-            key, layout = path_to_hub_key(path, layer)
+            key, layout = names.path_to_hub_key(path, layer)
             array = np.asarray(jax.device_get(value if layer is None else value[layer]))
             if dtype is not None:
                 array = array.astype(dtype)
-            hf_shape = None
-            if layout == "conv":
-                v = model.config.vision
-                hf_shape = (array.shape[1], v.in_channels, v.temporal_patch_size, v.patch_size,
-                            v.patch_size)
+            hf_shape = (array.shape[1], *conv_shape) if layout == "conv" else None
             yield key, np.ascontiguousarray(_from_ours(array, layout, hf_shape))
+
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def export_model(model: Qwen25VL, output_dir: str | os.PathLike, *,
                  source_dir: str | os.PathLike | None = None, dtype: str | None = None,
                  max_shard_bytes: int = 4 << 30) -> Path:
     """Write a HF directory transformers loads: config.json, safetensors (+ index), tokenizer."""
+    np_dtype = None if dtype is None else EXPORT_DTYPES[dtype]
+    return write_checkpoint(output_dir, hf_tensors(model, np_dtype), model.config.to_hf_dict(),
+                            source_dir=source_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(output_dir: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
+                     hf_config: dict, *, source_dir: str | os.PathLike | None = None,
+                     dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """A HF directory from (key, array) pairs: safetensors shards (+ index), config.json (its
+    torch_dtype set to `dtype` when given) and the source directory's tokenizer files."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    np_dtype = None if dtype is None else {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
-                                           "float16": np.float16}[dtype]
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for key, array in hf_tensors(model, np_dtype):
+    for key, array in tensors:
         if shards[-1] and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -407,7 +464,7 @@ def export_model(model: Qwen25VL, output_dir: str | os.PathLike, *,
         total = sum(a.nbytes for shard in shards for a in shard.values())
         (output / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config = model.config.to_hf_dict()
+    config = dict(hf_config)
     if dtype is not None:
         config["torch_dtype"] = dtype
     (output / "config.json").write_text(json.dumps(config, indent=2))

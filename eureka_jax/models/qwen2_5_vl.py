@@ -108,6 +108,9 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
+    # q/k/v projection biases: Qwen2 has them; a Llama decoder (InternVL, models/internvl.py)
+    # follows its config's attention_bias.
+    attention_bias: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -192,7 +195,7 @@ class Qwen25VLConfig:
             vision.get("fullatt_block_indexes", VisionConfig.fullatt_block_indexes)
         )
         vision_kwargs["rope_theta"] = vision_rope.get("rope_theta", VisionConfig.rope_theta)
-        text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+        text_fields = {f.name for f in dataclasses.fields(TextConfig)} - {"attention_bias"}
         text_kwargs = {k: v for k, v in text.items() if k in text_fields}
         text_kwargs.update(rope_theta=float(rope_theta), mrope_section=tuple(mrope_section))
         if text_kwargs.get("num_key_value_heads") is None:
@@ -215,6 +218,7 @@ class Qwen25VLConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers loads as Qwen2_5_VLForConditionalGeneration."""
         text = dataclasses.asdict(self.text)
+        text.pop("attention_bias")  # always true for Qwen2.5-VL
         mrope_section = list(text.pop("mrope_section"))
         rope_theta = text.pop("rope_theta")
         text.update(
@@ -630,8 +634,8 @@ def _decode_attention(q_NxKxGxH, kv: LayerKV, readable_NxS):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with q/k/v biases and M-RoPE; a full causal pass (teacher forcing,
-    prefill) or one decoding step against a KVCache."""
+    """Grouped-query attention with q/k/v biases (TextConfig.attention_bias) and M-RoPE; a full
+    causal pass (teacher forcing, prefill) or one decoding step against a KVCache."""
 
     def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
         text = config.text
@@ -641,9 +645,10 @@ class Attention(nnx.Module):
         )
         self.attention_impl = config.attention_impl
         kw = dict(config=config, rngs=rngs)
-        self.q_proj = Dense(d, self.num_heads * h, ("embed", "heads"), use_bias=True, **kw)
-        self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
-        self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=True, **kw)
+        bias = text.attention_bias
+        self.q_proj = Dense(d, self.num_heads * h, ("embed", "heads"), use_bias=bias, **kw)
+        self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=bias, **kw)
+        self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=bias, **kw)
         self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
 
     def _project(self, x_BxTxD, cos, sin):
