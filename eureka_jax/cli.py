@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "does a config fit a TPU slice? compile a step ahead of time, time it"),
     "export": ("export", "export a training checkpoint to a Hugging Face directory"),
     "convert": ("convert", "convert MMK12-style parquet / HF datasets to MM-Eureka jsonl"),
+    "convert-internvl": ("convert_internvl", "InternVL2.5 release checkpoint -> native layout"),
     "make-synthetic": ("make_synthetic", "write the synthetic visual-arithmetic dataset"),
 }
 
