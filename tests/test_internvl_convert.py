@@ -62,33 +62,40 @@ def sp_model(request) -> bytes:
 
 
 def _tokenizer_config(sp_size: int, image_tokens: list[str] = INTERNVL_TOKENS) -> dict:
-    """InternLM2-style tokenizer_config.json: the InternVL tokens follow the pieces."""
-    added = {str(sp_size + i): {"content": t, "lstrip": False, "rstrip": False,
-                                "normalized": False, "single_word": False, "special": True}
-             for i, t in enumerate(image_tokens)}
+    """InternLM2-style tokenizer_config.json: <unk> <s> </s> and the chat tokens are pieces of the
+    sentencepiece model, the InternVL tokens follow the pieces."""
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_end|>": 3, "<|im_start|>": 4}
+    ids |= {t: sp_size + i for i, t in enumerate(image_tokens)}
+    added = {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False, "special": True} for t, i in ids.items()}
     return {"tokenizer_class": "InternLM2Tokenizer", "add_bos_token": True,
             "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
-            "unk_token": "<unk>", "model_max_length": 4096, "added_tokens_decoder": added}
+            "unk_token": "<unk>", "model_max_length": 4096, "added_tokens_decoder": added,
+            "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}}
 
 
-def _native_model(text: str, vocab_size: int, image_token_id: int, select_layer: int,
-                  seed: int = 0) -> InternVLForConditionalGeneration:
-    torch.manual_seed(seed)
+def _native_model(text: str, vocab_size: int, image_token_id: int, select_layer: int = -1,
+                  vision: dict | None = None, llm: dict | None = None, tie: bool = False,
+                  ) -> InternVLForConditionalGeneration:
+    """A tiny random native model; `vision` / `llm` override its vision / text config."""
+    torch.manual_seed(0)
     text_config = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                       rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=False,
+                       rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=tie,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if text == "llama":
         text_config.update(model_type="llama", head_dim=8, attention_bias=False)
     else:
         text_config.update(model_type="qwen2")
+    text_config |= llm or {}
+    vision_config = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                         num_attention_heads=4, image_size=IMAGE, patch_size=PATCH,
+                         attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6)
+    vision_config |= vision or {}
     config = InternVLConfig(
-        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-                           num_attention_heads=4, image_size=IMAGE, patch_size=PATCH,
-                           attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6),
-        text_config=text_config, image_token_id=image_token_id,
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
         image_seq_length=(IMAGE // PATCH) ** 2 // 4, downsample_ratio=0.5,
-        vision_feature_layer=select_layer, tie_word_embeddings=False)
+        vision_feature_layer=select_layer, tie_word_embeddings=tie)
     model = InternVLForConditionalGeneration(config).eval()
     with torch.no_grad():  # every parameter random, so a swapped name shows in the logits
         for param in model.parameters():
@@ -98,6 +105,7 @@ def _native_model(text: str, vocab_size: int, image_token_id: int, select_layer:
 
 def _interleave_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                      num_kv_heads: int) -> torch.Tensor:
+    """InternLM2's wqkv rows (or bias) from q_proj's, k_proj's and v_proj's."""
     head_dim = q.shape[0] // num_heads
     groups = num_heads // num_kv_heads
     rows = []
@@ -110,71 +118,87 @@ def _interleave_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return torch.cat(rows)
 
 
-def release_state_dict(model: InternVLForConditionalGeneration, text: str) -> dict:
+def release_state_dict(model: InternVLForConditionalGeneration, text: str,
+                       tied_head_copy: bool = False) -> dict:
     """The native model's weights under the release checkpoint's names."""
     native = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = model.config.text_config
     out = {}
+
+    def move(src: str, dst: str) -> None:
+        if src in native:  # optional tensors (biases, qk norms) move when the model has them
+            out[dst] = native.pop(src)
+
     vt = "model.vision_tower."
-    out["vision_model.embeddings.class_embedding"] = native.pop(vt + "embeddings.cls_token")
-    out["vision_model.embeddings.position_embedding"] = native.pop(
-        vt + "embeddings.position_embeddings")
+    move(vt + "embeddings.cls_token", "vision_model.embeddings.class_embedding")
+    move(vt + "embeddings.position_embeddings", "vision_model.embeddings.position_embedding")
     for p in ("weight", "bias"):
-        out[f"vision_model.embeddings.patch_embedding.{p}"] = native.pop(
-            f"{vt}embeddings.patch_embeddings.projection.{p}")
+        move(f"{vt}embeddings.patch_embeddings.projection.{p}",
+             f"vision_model.embeddings.patch_embedding.{p}")
     for i in range(model.config.vision_config.num_hidden_layers):
         src, dst = f"{vt}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
-        out[dst + "ls1"] = native.pop(src + "lambda_1")
-        out[dst + "ls2"] = native.pop(src + "lambda_2")
+        move(src + "lambda_1", dst + "ls1")
+        move(src + "lambda_2", dst + "ls2")
         for p in ("weight", "bias"):
-            out[dst + f"attn.qkv.{p}"] = torch.cat(
-                [native.pop(src + f"attention.{x}_proj.{p}") for x in "qkv"])
-            out[dst + f"attn.proj.{p}"] = native.pop(src + f"attention.projection_layer.{p}")
-            out[dst + f"norm1.{p}"] = native.pop(src + f"layernorm_before.{p}")
-            out[dst + f"norm2.{p}"] = native.pop(src + f"layernorm_after.{p}")
+            if src + f"attention.q_proj.{p}" in native:
+                out[dst + f"attn.qkv.{p}"] = torch.cat(
+                    [native.pop(src + f"attention.{x}_proj.{p}") for x in "qkv"])
+            move(src + f"attention.projection_layer.{p}", dst + f"attn.proj.{p}")
+            move(src + f"layernorm_before.{p}", dst + f"norm1.{p}")
+            move(src + f"layernorm_after.{p}", dst + f"norm2.{p}")
             for fc in ("fc1", "fc2"):
-                out[dst + f"mlp.{fc}.{p}"] = native.pop(src + f"mlp.{fc}.{p}")
+                move(src + f"mlp.{fc}.{p}", dst + f"mlp.{fc}.{p}")
+        move(src + "attention.q_norm.weight", dst + "attn.q_norm.weight")
+        move(src + "attention.k_norm.weight", dst + "attn.k_norm.weight")
     for index, name in ((0, "layer_norm"), (1, "linear_1"), (3, "linear_2")):
         for p in ("weight", "bias"):
-            out[f"mlp1.{index}.{p}"] = native.pop(f"model.multi_modal_projector.{name}.{p}")
+            move(f"model.multi_modal_projector.{name}.{p}", f"mlp1.{index}.{p}")
     lm = "model.language_model."
+    head = native.pop("lm_head.weight")
     if text == "qwen2":
         for name in list(native):
-            if name.startswith(lm):
-                out["language_model.model." + name[len(lm):]] = native.pop(name)
-        out["language_model.lm_head.weight"] = native.pop("lm_head.weight")
+            move(name, "language_model.model." + name[len(lm):])
+        if not cfg.tie_word_embeddings or tied_head_copy:
+            out["language_model.lm_head.weight"] = head
         assert not native, native.keys()
         return out
-    out["language_model.model.tok_embeddings.weight"] = native.pop(lm + "embed_tokens.weight")
-    out["language_model.model.norm.weight"] = native.pop(lm + "norm.weight")
-    out["language_model.output.weight"] = native.pop("lm_head.weight")
+    move(lm + "embed_tokens.weight", "language_model.model.tok_embeddings.weight")
+    move(lm + "norm.weight", "language_model.model.norm.weight")
+    if not cfg.tie_word_embeddings or tied_head_copy:
+        out["language_model.output.weight"] = head
     for i in range(cfg.num_hidden_layers):
         src, dst = f"{lm}layers.{i}.", f"language_model.model.layers.{i}."
-        out[dst + "attention.wqkv.weight"] = _interleave_wqkv(
-            *(native.pop(src + f"self_attn.{x}_proj.weight") for x in "qkv"),
-            cfg.num_attention_heads, cfg.num_key_value_heads)
-        out[dst + "attention.wo.weight"] = native.pop(src + "self_attn.o_proj.weight")
-        out[dst + "feed_forward.w1.weight"] = native.pop(src + "mlp.gate_proj.weight")
-        out[dst + "feed_forward.w3.weight"] = native.pop(src + "mlp.up_proj.weight")
-        out[dst + "feed_forward.w2.weight"] = native.pop(src + "mlp.down_proj.weight")
-        out[dst + "attention_norm.weight"] = native.pop(src + "input_layernorm.weight")
-        out[dst + "ffn_norm.weight"] = native.pop(src + "post_attention_layernorm.weight")
+        for p in ("weight", "bias"):
+            if src + f"self_attn.q_proj.{p}" in native:
+                out[dst + f"attention.wqkv.{p}"] = _interleave_wqkv(
+                    *(native.pop(src + f"self_attn.{x}_proj.{p}") for x in "qkv"),
+                    cfg.num_attention_heads, cfg.num_key_value_heads)
+            move(src + f"self_attn.o_proj.{p}", dst + f"attention.wo.{p}")
+        move(src + "mlp.gate_proj.weight", dst + "feed_forward.w1.weight")
+        move(src + "mlp.up_proj.weight", dst + "feed_forward.w3.weight")
+        move(src + "mlp.down_proj.weight", dst + "feed_forward.w2.weight")
+        move(src + "input_layernorm.weight", dst + "attention_norm.weight")
+        move(src + "post_attention_layernorm.weight", dst + "ffn_norm.weight")
     assert not native, native.keys()
     return out
 
 
 def release_config(model: InternVLForConditionalGeneration, text: str) -> dict:
     t, v = model.config.text_config, model.config.vision_config
+    rope = t.rope_parameters
+    scaling = (None if rope["rope_type"] == "default"
+               else {"type": rope["rope_type"], "factor": rope["factor"]})
     common = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                   num_attention_heads=t.num_attention_heads,
                   num_key_value_heads=t.num_key_value_heads, num_hidden_layers=t.num_hidden_layers,
                   vocab_size=t.vocab_size, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",
-                  max_position_embeddings=t.max_position_embeddings, rope_theta=10000.0,
-                  rope_scaling=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  max_position_embeddings=t.max_position_embeddings,
+                  rope_theta=rope["rope_theta"], rope_scaling=scaling,
+                  tie_word_embeddings=t.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
                   torch_dtype="float32")
     if text == "llama":
         llm = dict(common, architectures=["InternLM2ForCausalLM"], model_type="internlm2",
-                   bias=False, pad_token_id=2, attn_implementation="eager",
+                   bias=t.attention_bias, pad_token_id=2, attn_implementation="eager",
                    auto_map={"AutoModel": "modeling_internlm2.InternLM2ForCausalLM"})
     else:
         llm = dict(common, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
@@ -183,8 +207,8 @@ def release_config(model: InternVLForConditionalGeneration, text: str) -> dict:
     vision = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b",
                   hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                   num_attention_heads=v.num_attention_heads, num_hidden_layers=v.num_hidden_layers,
-                  image_size=IMAGE, patch_size=PATCH, num_channels=3, qkv_bias=True,
-                  qk_normalization=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+                  image_size=IMAGE, patch_size=PATCH, num_channels=3, qkv_bias=v.attention_bias,
+                  qk_normalization=v.use_qk_norm, norm_type=v.norm_type, layer_norm_eps=1e-6,
                   hidden_act="gelu", dropout=0.0, attention_dropout=0.0, drop_path_rate=0.0,
                   use_flash_attn=False)
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
@@ -195,15 +219,17 @@ def release_config(model: InternVLForConditionalGeneration, text: str) -> dict:
             "use_thumbnail": True, "max_dynamic_patch": 6, "min_dynamic_patch": 1}
 
 
-def write_release(directory: Path, model, text: str, sp_bytes: bytes, shards: int = 1,
-                  tokenizer_config: dict | None = None) -> Path:
+def write_release(directory: Path, model, text: str, sp_bytes: bytes | None, shards: int = 1,
+                  tokenizer_config: dict | None = None, tied_head_copy: bool = False) -> Path:
+    """A release directory; `sp_bytes` None: no tokenizer (the caller writes one)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(release_config(model, text)))
-    (directory / "tokenizer.model").write_bytes(sp_bytes)
-    sp_size = spm.SentencePieceProcessor(model_proto=sp_bytes).get_piece_size()
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config or _tokenizer_config(sp_size)))
-    tensors = release_state_dict(model, text)
+    if sp_bytes is not None:
+        (directory / "tokenizer.model").write_bytes(sp_bytes)
+        sp_size = spm.SentencePieceProcessor(model_proto=sp_bytes).get_piece_size()
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config or _tokenizer_config(sp_size)))
+    tensors = release_state_dict(model, text, tied_head_copy=tied_head_copy)
     names = sorted(tensors)
     if shards == 1:
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -238,23 +264,44 @@ def small_sp() -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "select_layer", "shards"),
-                         [("llama", -1, 3), ("qwen2", -2, 1)], ids=["internlm2", "qwen2"])
-def test_converted_checkpoint_gives_the_original_logits(tmp_path, small_sp, text, select_layer,
-                                                        shards):
+PARITY_CASES = {
+    # InternVL2.5-8B-like: InternLM2 with GQA, InternViT-300M-like vision, three shards
+    "internlm2": dict(text="llama", shards=3),
+    # InternLM2 with its `bias` flag and dynamic NTK rope that the 19-token input triggers
+    "internlm2_bias_dynamic_rope": dict(
+        text="llama", llm=dict(attention_bias=True, max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+    # InternVL2.5-1B-like: Qwen2, features from the second-to-last vision layer
+    "qwen2": dict(text="qwen2", select_layer=-2),
+    # InternViT-6B-like vision (26B and up): RMSNorm, q/k norms, no qkv bias
+    "qwen2_internvit_6b": dict(text="qwen2", vision=dict(norm_type="rms_norm", use_qk_norm=True,
+                                                         attention_bias=False)),
+    # tied embeddings, with and without a copy of the head in the checkpoint
+    "qwen2_tied": dict(text="qwen2", tie=True),
+    "qwen2_tied_head_copy": dict(text="qwen2", tie=True, tied_head_copy=True),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_converted_checkpoint_gives_the_original_logits(tmp_path, small_sp, case):
+    options = dict(PARITY_CASES[case])
+    text, shards = options.pop("text"), options.pop("shards", 1)
+    tied_head_copy = options.pop("tied_head_copy", False)
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
     model = _native_model(text, vocab_size=sp_size + len(INTERNVL_TOKENS) + 3,
-                          image_token_id=sp_size + 2, select_layer=select_layer)
-    src = write_release(tmp_path / "release", model, text, small_sp, shards=shards)
+                          image_token_id=sp_size + 2, **options)
+    src = write_release(tmp_path / "release", model, text, small_sp, shards=shards,
+                        tied_head_copy=tied_head_copy)
     report = convert_release_checkpoint(src, tmp_path / "native")
     assert report.image_token_id == sp_size + 2
+    assert report.num_shards == shards
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "native")
     assert tokenizer.video_token_id == sp_size + 9  # a spare embedding row takes <video>
-    assert report.num_shards == shards
     config = json.loads((tmp_path / "native" / "config.json").read_text())
     assert config["model_type"] == "internvl"
     assert config["text_config"]["model_type"] == text
-    assert config["vision_feature_layer"] == select_layer
+    assert config["vision_feature_layer"] == model.config.vision_feature_layer
+    assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
 
     converted, info = InternVLForConditionalGeneration.from_pretrained(
         tmp_path / "native", output_loading_info=True, dtype=torch.float32)
@@ -371,6 +418,61 @@ def test_project_processor_feeds_the_converted_model(tmp_path, small_sp):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6)
 
 
+def _write_qwen2_tokenizer(directory: Path) -> int:
+    """A Qwen2-style tokenizer (vocab.json + merges.txt, added tokens in tokenizer_config.json)
+    trained here. Returns the id of <IMG_CONTEXT>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.model.save(str(directory))
+    size = bpe.get_vocab_size()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS]
+    added = {str(size + i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                             "single_word": False, "special": True} for i, t in enumerate(specials)}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "model_max_length": 8192}))
+    return size + 5
+
+
+def test_qwen2_tokenizer_is_carried_over(tmp_path):
+    from transformers import Qwen2Tokenizer
+
+    src = tmp_path / "release"
+    src.mkdir()
+    context_id = _write_qwen2_tokenizer(src)
+    model = _native_model("qwen2", vocab_size=context_id + 8, image_token_id=context_id)
+    write_release(src, model, "qwen2", sp_bytes=None)
+    report = convert_release_checkpoint(src, tmp_path / "native")
+    assert report.image_token_id == context_id
+    original = Qwen2Tokenizer.from_pretrained(src)
+    converted = AutoTokenizer.from_pretrained(tmp_path / "native")
+    for text in TEXTS:
+        assert converted(text)["input_ids"] == original(text)["input_ids"], text
+    assert converted.eos_token == "<|im_end|>" and converted.bos_token is None
+    generation = json.loads((tmp_path / "native" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [context_id - 3]  # <|im_end|>
+
+
+def test_tokenizer_matches_sentencepiece_on_random_text(tmp_path, sp_model):
+    """Merge order and byte fallback over many strings, not only the handful above."""
+    from eureka_jax.models.internvl_convert import build_sentencepiece_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    (tmp_path / "tokenizer.model").write_bytes(sp_model)
+    tokenizer = build_sentencepiece_tokenizer(tmp_path / "tokenizer.model", add_bos_token=False)
+    alphabet = list("".join(CORPUS)) + [" ", "  ", "\n", "\t", "é", "数", "🙂", "<", ">"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 60))))
+        text = text.replace("<|im_end|>", "").replace("<|im_start|>", "")
+        assert tokenizer.encode(text).ids == sp.encode(text), repr(text)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +576,7 @@ def test_vocab_larger_than_the_embedding(release_dir, tmp_path):
     with pytest.raises(InputError, match=r"tokenizer\.model: the tokenizer has 409 ids, more than "
                                          r"the checkpoint's 300 .*'llm_config\.vocab_size'"):
         convert_release_checkpoint(release_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_vocab_without_the_image_tokens(release_dir, tmp_path, small_sp):
@@ -484,17 +587,55 @@ def test_vocab_without_the_image_tokens(release_dir, tmp_path, small_sp):
                                          r"lacks the image tokens \['<img>', '</img>', "
                                          r"'<IMG_CONTEXT>'\]"):
         convert_release_checkpoint(release_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_added_token_ids_must_follow_the_pieces(release_dir, tmp_path, small_sp):
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
     config = _tokenizer_config(sp_size)
-    config["added_tokens_decoder"] = {str(int(k) + 1): v
+    config["added_tokens_decoder"] = {str(int(k) + (int(k) >= sp_size)): v
                                       for k, v in config["added_tokens_decoder"].items()}
     (release_dir / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="added token '<img>' has id 401, but the sentencepiece "
                                          "model gives it 400"):
         convert_release_checkpoint(release_dir, tmp_path / "out")
+
+
+def test_tied_head_that_differs_from_the_embedding(tmp_path, small_sp):
+    sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
+    model = _native_model("qwen2", vocab_size=sp_size + 9, image_token_id=sp_size + 2, tie=True)
+    src = write_release(tmp_path / "release", model, "qwen2", small_sp, tied_head_copy=True)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["language_model.lm_head.weight"] = tensors["language_model.lm_head.weight"] + 1
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(InputError, match="'language_model.lm_head.weight' differs from "
+                                         "'language_model.model.embed_tokens.weight'.*"
+                                         "'llm_config.tie_word_embeddings' is true"):
+        convert_release_checkpoint(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.update(ps_version="v1"), "field 'ps_version' is 'v1'"),
+    (lambda c: c.update(template="vicuna_v1.1"), "field 'template' is 'vicuna_v1.1'"),
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}),
+     "field 'llm_config.rope_scaling'"),
+    (lambda c: c["vision_config"].pop("qkv_bias"), "vision_config has no field 'qkv_bias'"),
+    (lambda c: c.update(force_image_size=448), "field 'force_image_size' \\(448\\) differs"),
+], ids=["ps_version", "template", "rope", "qkv_bias", "image_size"])
+def test_config_the_converter_cannot_honour(release_dir, tmp_path, edit, message):
+    _edit_config(release_dir, edit)
+    with pytest.raises(InputError, match=rf"config\.json: .*{message}"):
+        convert_release_checkpoint(release_dir, tmp_path / "out")
+
+
+def test_output_directory_with_a_checkpoint_is_refused(release_dir, tmp_path):
+    convert_release_checkpoint(release_dir, tmp_path / "out")
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        convert_release_checkpoint(release_dir, tmp_path / "out")
+    with pytest.raises(InputError, match="is the input directory"):
+        convert_release_checkpoint(release_dir, release_dir)
 
 
 # ---------------------------------------------------------------------------------------------

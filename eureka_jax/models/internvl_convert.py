@@ -128,6 +128,8 @@ def read_release_config(src_dir: str | Path) -> dict:
         raise InputError(f"{path}: field 'force_image_size' ({image_size}) differs from "
                          f"'vision_config.image_size' ({config['vision_config']['image_size']}); "
                          "the native model has one image size")
+    _text_config(llm, path)  # their checks of the fields, before any tensor is read
+    _vision_config(config["vision_config"], path)
     return config
 
 
@@ -232,8 +234,17 @@ def native_config(release: dict, image_token_id: int, path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _lm_head_names(release: dict) -> tuple[str, str]:
+    """(output projection, input embedding) release names of the language model."""
+    if release["llm_config"]["architectures"][0] == "InternLM2ForCausalLM":
+        return "language_model.output.weight", "language_model.model.tok_embeddings.weight"
+    return "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+
+
 def release_tensor_shapes(release: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor a release checkpoint with this config.json must hold, with its shape."""
+    """Every tensor a release checkpoint with this config.json must hold, with its shape. With
+    tie_word_embeddings the output projection is the embedding and is not listed (some exports
+    still carry a copy: see `_check_tensors`)."""
     vision, llm = release["vision_config"], release["llm_config"]
     d_v, f_v = vision["hidden_size"], vision["intermediate_size"]
     c, p = vision.get("num_channels", 3), vision["patch_size"]
@@ -286,7 +297,7 @@ def release_tensor_shapes(release: dict) -> dict[str, tuple[int, ...]]:
             if bias:
                 shapes[pre + "attention.wqkv.bias"] = ((n + 2 * k) * h,)
                 shapes[pre + "attention.wo.bias"] = (d,)
-        shapes[lm + "model.norm.weight"] = (d,)
+            shapes[lm + "model.norm.weight"] = (d,)
         if not tied:
             shapes[lm + "output.weight"] = (v, d)
         return shapes
@@ -459,17 +470,25 @@ def release_weight_files(src_dir: Path) -> tuple[Path, dict[str, Path]]:
     raise InputError(f"{src_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def _check_tensors(release: dict, listing: Path, files: dict[str, Path]) -> None:
+def _check_tensors(release: dict, listing: Path, files: dict[str, Path]) -> set[str]:
+    """Check names and shapes against config.json before anything is written. Returns the
+    release tensors to skip: a tied output projection (equal to the embedding, as the original
+    model ties them when it loads) and recomputed rotary buffers."""
     expected = release_tensor_shapes(release)
     missing = [name for name in expected if name not in files]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(f"{listing}: tensor {missing[0]!r} is missing{more}; the config.json "
                          "implies it: download the whole checkpoint, or fix config.json")
+    skip = {name for name in files if name.endswith("rotary_emb.inv_freq")}
+    head, embedding = _lm_head_names(release)
+    if head in files and head not in expected:  # tied
+        skip.add(head)
+        expected = {**expected, head: expected[embedding]}
     headers: dict[Path, dict] = {}
     for name, file in files.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a recomputed buffer some exports carry
+        if name in skip and name != head:
+            continue
         if name not in expected:
             raise InputError(f"{file}: tensor {name!r} is not part of an InternVL2.5 "
                              f"{release['llm_config']['architectures'][0]} checkpoint with this "
@@ -480,6 +499,18 @@ def _check_tensors(release: dict, listing: Path, files: dict[str, Path]) -> None
         if header[name][0] != expected[name]:
             raise InputError(f"{file}: tensor {name!r} has shape {list(header[name][0])}, but "
                              f"config.json implies {list(expected[name])}")
+    if head in skip and not np.array_equal(_read_tensor(files[head], head),
+                                           _read_tensor(files[embedding], embedding)):
+        raise InputError(f"{files[head]}: tensor {head!r} differs from {embedding!r}, but "
+                         f"{listing.parent / 'config.json'} field "
+                         "'llm_config.tie_word_embeddings' is true (the original model would "
+                         "replace it by the embedding): fix the config or the checkpoint")
+    return skip
+
+
+def _read_tensor(path: Path, name: str) -> np.ndarray:
+    with safe_open(str(path), framework="np") as f:
+        return f.get_tensor(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,27 +646,25 @@ def _load_tokenizer(src_dir: Path):
             file, _added_tokens(src_dir), add_bos_token=bool(config.get("add_bos_token", True)),
             add_eos_token=bool(config.get("add_eos_token", False)))
         return tokenizer, file, config
+    if config.get("tokenizer_class") in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        # A class transformers ships: the original tokenizer itself, added tokens included.
+        from transformers import Qwen2Tokenizer
+
+        file = src_dir / ("tokenizer.json" if (src_dir / "tokenizer.json").exists()
+                          else "vocab.json")
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(src_dir)).backend_tokenizer
+        for entry in _added_tokens(src_dir):
+            if tokenizer.token_to_id(entry["content"]) != entry["id"]:
+                raise InputError(f"{config_path}: added token {entry['content']!r} has id "
+                                 f"{entry['id']}, but the tokenizer gives it "
+                                 f"{tokenizer.token_to_id(entry['content'])}")
+        return tokenizer, file, config
     if (src_dir / "tokenizer.json").exists():
         file = src_dir / "tokenizer.json"
         return Tokenizer.from_file(str(file)), file, config
-    if (src_dir / "vocab.json").exists() and (src_dir / "merges.txt").exists():
-        from transformers import Qwen2Tokenizer
-
-        file = src_dir / "vocab.json"
-        slow = Qwen2Tokenizer(vocab_file=str(file), merges_file=str(src_dir / "merges.txt"))
-        tokenizer = slow.backend_tokenizer
-        for entry in _added_tokens(src_dir):
-            from tokenizers import AddedToken
-
-            tokenizer.add_special_tokens([AddedToken(entry["content"], special=True,
-                                                     normalized=False)])
-            if tokenizer.token_to_id(entry["content"]) != entry["id"]:
-                raise InputError(f"{src_dir / 'added_tokens.json'}: added token "
-                                 f"{entry['content']!r} has id {entry['id']}, but follows the "
-                                 f"vocabulary at {tokenizer.token_to_id(entry['content'])}")
-        return tokenizer, file, config
-    raise InputError(f"{src_dir}: no tokenizer (tokenizer.model, tokenizer.json, or vocab.json + "
-                     "merges.txt); the release repositories ship one beside the weights")
+    raise InputError(f"{src_dir}: no tokenizer the converter can read (tokenizer.model, "
+                     "tokenizer.json, or vocab.json + merges.txt with tokenizer_class "
+                     "Qwen2Tokenizer); the release repositories ship one beside the weights")
 
 
 def _token(config: dict, name: str, default: str | None) -> str | None:
@@ -643,22 +672,16 @@ def _token(config: dict, name: str, default: str | None) -> str | None:
     return value["content"] if isinstance(value, dict) else value
 
 
-def write_tokenizer_files(src_dir: Path, dst_dir: Path, embedding_rows: int,
-                          image_seq_length: int, image_size: int, max_patches: int,
-                          use_thumbnail: bool) -> tuple[int, int]:
-    """tokenizer.json, tokenizer_config.json, chat template, image processor and processor
-    configs for the native InternVLProcessor. Returns (image token id, tokenizer vocab size)."""
-    tokenizer, file, config = _load_tokenizer(src_dir)
-    check_vocab(tokenizer, file, embedding_rows, src_dir / "config.json")
-    tokenizer.save(str(dst_dir / "tokenizer.json"))
-    sentencepiece = file.name == "tokenizer.model"
+def _tokenizer_config(config: dict, tokenizer, sentencepiece: bool, embedding_rows: int) -> dict:
+    """The native tokenizer_config.json: a plain fast tokenizer over tokenizer.json, with the
+    named image tokens InternVLProcessor reads (tokenizer.start_image_token, ...)."""
     eos = _token(config, "eos_token", "</s>" if sentencepiece else "<|im_end|>")
     # transformers' InternVLProcessor also wants a `video_token` placeholder; naming one adds it
     # to the vocabulary, so only when the embedding has a row to spare for its id.
     named_tokens = dict(IMAGE_TOKENS)
     if tokenizer.get_vocab_size(with_added_tokens=True) < embedding_rows:
         named_tokens["video_token"] = "<video>"
-    tokenizer_config = {
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": _token(config, "bos_token", "<s>" if sentencepiece else None),
         "eos_token": eos,
@@ -670,27 +693,31 @@ def write_tokenizer_files(src_dir: Path, dst_dir: Path, embedding_rows: int,
         "extra_special_tokens": named_tokens,
         "model_input_names": ["input_ids", "attention_mask"],
     }
-    (dst_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (dst_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    image_processor = {
+
+
+def _image_processor_config(release: dict, path: Path) -> dict:
+    """GotOcr2's tiling with the release's settings: dynamic 1..max_dynamic_patch tiles of
+    force_image_size pixels plus a thumbnail, ImageNet mean/std, bicubic resizing."""
+    size = release["vision_config"]["image_size"]
+    dynamic = bool(release.get("dynamic_image_size", True))
+    if dynamic and not release.get("use_thumbnail", True):
+        raise InputError(f"{path}: field 'use_thumbnail' is false; the native image processor "
+                         "always appends the thumbnail tile to a tiled image")
+    return {
         "image_processor_type": "GotOcr2ImageProcessor",
         "processor_class": "InternVLProcessor",
-        "do_resize": True, "size": {"height": image_size, "width": image_size},
-        "crop_to_patches": True, "min_patches": 1, "max_patches": max_patches,
+        "do_resize": True, "size": {"height": size, "width": size},
+        "crop_to_patches": True,
+        "min_patches": int(release.get("min_dynamic_patch", 1)) if dynamic else 1,
+        "max_patches": int(release.get("max_dynamic_patch", 12)) if dynamic else 1,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
         "do_convert_rgb": True, "resample": 3,
     }
-    if not use_thumbnail:
-        raise InputError(f"{src_dir / 'config.json'}: field 'use_thumbnail' is false; the native "
-                         "image processor always appends the thumbnail tile")
-    (dst_dir / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
-    processor = {"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}
-    (dst_dir / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    eos_ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", eos)]
-    generation = {"eos_token_id": sorted({i for i in eos_ids if i is not None})}
-    (dst_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return tokenizer.token_to_id(IMAGE_TOKENS["context_image_token"]), tokenizer.get_vocab_size()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,29 +725,49 @@ def write_tokenizer_files(src_dir: Path, dst_dir: Path, embedding_rows: int,
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise InputError(f"--output {dst} is the input directory; give a new directory")
+    if dst.exists() and any(dst.glob("model*.safetensors*")):
+        raise InputError(f"{dst} already holds a checkpoint; give an empty or new directory "
+                         "(stale shards would mix with the new ones)")
+
+
 def convert_release_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> ConvertReport:
-    """Convert the release checkpoint in `src_dir` into the native layout in `dst_dir`."""
+    """Convert the release checkpoint in `src_dir` into the native layout in `dst_dir`.
+
+    Everything is checked (config, tensor names and shapes, tokenizer against the embedding)
+    before the first file is written."""
     src, dst = Path(src_dir), Path(dst_dir)
     release = read_release_config(src)
     config_path = src / "config.json"
+    _check_destination(src, dst)
     listing, files = release_weight_files(src)
-    _check_tensors(release, listing, files)
-    dst.mkdir(parents=True, exist_ok=True)
-
-    vision = release["vision_config"]
-    ratio = float(release.get("downsample_ratio", 0.5))
-    grid = vision["image_size"] // vision["patch_size"]
-    image_token_id, vocab_size = write_tokenizer_files(
-        src, dst, embedding_rows=release["llm_config"]["vocab_size"],
-        image_seq_length=int(grid * grid * ratio * ratio), image_size=vision["image_size"],
-        max_patches=int(release.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(release.get("use_thumbnail", True)))
+    skip = _check_tensors(release, listing, files)
+    tokenizer, tokenizer_file, tokenizer_config = _load_tokenizer(src)
+    embedding_rows = release["llm_config"]["vocab_size"]
+    check_vocab(tokenizer, tokenizer_file, embedding_rows, config_path)
+    image_token_id = tokenizer.token_to_id(IMAGE_TOKENS["context_image_token"])
     config = native_config(release, image_token_id, config_path)
-    embedding = next(name for name in files if name.endswith("_tokens.weight")
-                     or name.endswith("tok_embeddings.weight"))
+    image_processor = _image_processor_config(release, config_path)
+    embedding = _lm_head_names(release)[1]
     dtype = _shard_header(files[embedding])[embedding][1]
     config["dtype"] = {"BF16": "bfloat16", "F16": "float16"}.get(dtype, "float32")
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(dst / "tokenizer.json"))
+    native_tokenizer = _tokenizer_config(tokenizer_config, tokenizer,
+                                         tokenizer_file.name == "tokenizer.model", embedding_rows)
+    _write_json(dst / "tokenizer_config.json", native_tokenizer)
+    (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    _write_json(dst / "preprocessor_config.json", image_processor)
+    _write_json(dst / "processor_config.json", {"processor_class": "InternVLProcessor",
+                                                "image_seq_length": config["image_seq_length"]})
+    # The release chat loop stops at the template's separator <|im_end|>, not only at eos.
+    stops = {tokenizer.token_to_id(t) for t in ("<|im_end|>", native_tokenizer["eos_token"])}
+    _write_json(dst / "generation_config.json",
+                {"eos_token_id": sorted(i for i in stops if i is not None)})
+    _write_json(dst / "config.json", config)
 
     rules = _rules(release)
     shard_files = sorted(set(files.values()))
@@ -729,18 +776,18 @@ def convert_release_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Conv
         out: dict[str, np.ndarray] = {}
         with safe_open(str(shard_path), framework="np") as shard:
             for name in shard.keys():  # noqa: SIM118 (safe_open is no dict)
-                if files.get(name) != shard_path or name.endswith("rotary_emb.inv_freq"):
-                    continue
-                out |= convert_tensor(name, shard.get_tensor(name), rules)
+                if files.get(name) == shard_path and name not in skip:
+                    out |= convert_tensor(name, shard.get_tensor(name), rules)
         out_name = ("model.safetensors" if len(shard_files) == 1
                     else f"model-{number:05d}-of-{len(shard_files):05d}.safetensors")
         save_file(out, str(dst / out_name), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(out, out_name)
         total_size += sum(a.nbytes for a in out.values())
     if len(shard_files) > 1:
-        index = {"metadata": {"total_size": total_size},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_json(dst / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total_size},
+                     "weight_map": dict(sorted(weight_map.items()))})
     return ConvertReport(output_dir=dst, llm_architecture=release["llm_config"]["architectures"][0],
                          num_tensors=len(weight_map), num_shards=len(shard_files),
-                         image_token_id=image_token_id, vocab_size=vocab_size)
+                         image_token_id=image_token_id,
+                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
