@@ -77,13 +77,14 @@ def _tokenizer_config(sp_size: int, image_tokens: list[str] = INTERNVL_TOKENS) -
 def _native_model(text: str, vocab_size: int, image_token_id: int, select_layer: int = -1,
                   vision: dict | None = None, llm: dict | None = None, tie: bool = False,
                   ) -> InternVLForConditionalGeneration:
-    """A tiny random native model; `vision` / `llm` override its vision / text config."""
+    """A tiny random native model whose release has the language model `text` ("internlm2",
+    "llama" or "qwen2"); `vision` / `llm` override its vision / text config."""
     torch.manual_seed(0)
     text_config = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
                        rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=tie,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    if text == "llama":
+    if text in ("internlm2", "llama"):  # InternLM2 converts to a Llama text model
         text_config.update(model_type="llama", head_dim=8, attention_bias=False)
     else:
         text_config.update(model_type="qwen2")
@@ -155,7 +156,7 @@ def release_state_dict(model: InternVLForConditionalGeneration, text: str,
             move(f"model.multi_modal_projector.{name}.{p}", f"mlp1.{index}.{p}")
     lm = "model.language_model."
     head = native.pop("lm_head.weight")
-    if text == "qwen2":
+    if text != "internlm2":  # Qwen2 and Llama language models keep transformers' names
         for name in list(native):
             move(name, "language_model.model." + name[len(lm):])
         if not cfg.tie_word_embeddings or tied_head_copy:
@@ -196,10 +197,13 @@ def release_config(model: InternVLForConditionalGeneration, text: str) -> dict:
                   rope_theta=rope["rope_theta"], rope_scaling=scaling,
                   tie_word_embeddings=t.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
                   torch_dtype="float32")
-    if text == "llama":
+    if text == "internlm2":
         llm = dict(common, architectures=["InternLM2ForCausalLM"], model_type="internlm2",
                    bias=t.attention_bias, pad_token_id=2, attn_implementation="eager",
                    auto_map={"AutoModel": "modeling_internlm2.InternLM2ForCausalLM"})
+    elif text == "llama":
+        llm = dict(common, architectures=["LlamaForCausalLM"], model_type="llama",
+                   attention_bias=t.attention_bias, mlp_bias=t.mlp_bias, head_dim=t.head_dim)
     else:
         llm = dict(common, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                    use_sliding_window=False, sliding_window=None,
@@ -266,11 +270,11 @@ def small_sp() -> bytes:
 
 PARITY_CASES = {
     # InternVL2.5-8B-like: InternLM2 with GQA, InternViT-300M-like vision, three shards
-    "internlm2": dict(text="llama", shards=3),
+    "internlm2": dict(text="internlm2", shards=3),
     # InternLM2 with its `bias` flag and dynamic NTK rope that the 19-token input triggers
-    "internlm2_bias_dynamic_rope": dict(
-        text="llama", llm=dict(attention_bias=True, max_position_embeddings=16, rope_parameters={
-            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+    "internlm2_bias_dynamic_rope": dict(text="internlm2", llm=dict(
+        attention_bias=True, max_position_embeddings=16,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
     # InternVL2.5-1B-like: Qwen2, features from the second-to-last vision layer
     "qwen2": dict(text="qwen2", select_layer=-2),
     # InternViT-6B-like vision (26B and up): RMSNorm, q/k norms, no qkv bias
@@ -279,6 +283,8 @@ PARITY_CASES = {
     # tied embeddings, with and without a copy of the head in the checkpoint
     "qwen2_tied": dict(text="qwen2", tie=True),
     "qwen2_tied_head_copy": dict(text="qwen2", tie=True, tied_head_copy=True),
+    # a Llama language model in transformers' names, with biases
+    "llama": dict(text="llama", llm=dict(attention_bias=True, mlp_bias=True)),
 }
 
 
@@ -299,7 +305,7 @@ def test_converted_checkpoint_gives_the_original_logits(tmp_path, small_sp, case
     assert tokenizer.video_token_id == sp_size + 9  # a spare embedding row takes <video>
     config = json.loads((tmp_path / "native" / "config.json").read_text())
     assert config["model_type"] == "internvl"
-    assert config["text_config"]["model_type"] == text
+    assert config["text_config"]["model_type"] == model.config.text_config.model_type
     assert config["vision_feature_layer"] == model.config.vision_feature_layer
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
 
@@ -318,10 +324,10 @@ def test_wqkv_split_is_not_a_plain_thirds_split(tmp_path, small_sp):
     """With GQA the interleaved layout matters: a checkpoint whose wqkv is [q; k; v] instead gives
     different logits, so the parity test above does see the layout."""
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
-    model = _native_model("llama", vocab_size=sp_size + 12, image_token_id=sp_size + 2,
+    model = _native_model("internlm2", vocab_size=sp_size + 12, image_token_id=sp_size + 2,
                           select_layer=-1)
-    src = write_release(tmp_path / "release", model, "llama", small_sp)
-    tensors = release_state_dict(model, "llama")
+    src = write_release(tmp_path / "release", model, "internlm2", small_sp)
+    tensors = release_state_dict(model, "internlm2")
     native = model.state_dict()
     for i in range(2):
         tensors[f"language_model.model.layers.{i}.attention.wqkv.weight"] = torch.cat(
@@ -369,9 +375,9 @@ TEXTS = [
 def test_sentencepiece_tokenizer_matches_the_original(tmp_path, sp_model):
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     sp_size = sp.get_piece_size()
-    model = _native_model("llama", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
+    model = _native_model("internlm2", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
                           select_layer=-1)
-    src = write_release(tmp_path / "release", model, "llama", sp_model)
+    src = write_release(tmp_path / "release", model, "internlm2", sp_model)
     convert_release_checkpoint(src, tmp_path / "native")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "native")
     added = {t: sp_size + i for i, t in enumerate(INTERNVL_TOKENS)}
@@ -394,9 +400,9 @@ def test_project_processor_feeds_the_converted_model(tmp_path, small_sp):
     from eureka_jax.processing.internvl import InternVLPromptProcessor
 
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
-    model = _native_model("llama", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
+    model = _native_model("internlm2", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
                           select_layer=-1)
-    src = write_release(tmp_path / "release", model, "llama", small_sp)
+    src = write_release(tmp_path / "release", model, "internlm2", small_sp)
     convert_release_checkpoint(src, tmp_path / "native")
     processor = InternVLPromptProcessor.from_pretrained(tmp_path / "native")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 120, 3), np.uint8))
@@ -481,9 +487,9 @@ def test_tokenizer_matches_sentencepiece_on_random_text(tmp_path, sp_model):
 @pytest.fixture
 def release_dir(tmp_path, small_sp) -> Path:
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
-    model = _native_model("llama", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
+    model = _native_model("internlm2", vocab_size=sp_size + 9, image_token_id=sp_size + 2,
                           select_layer=-1)
-    return write_release(tmp_path / "release", model, "llama", small_sp, shards=2)
+    return write_release(tmp_path / "release", model, "internlm2", small_sp, shards=2)
 
 
 def _edit_config(directory: Path, edit) -> None:

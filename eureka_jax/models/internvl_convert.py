@@ -10,9 +10,10 @@ becoming a Llama one), which transformers loads without remote code:
 
     eureka-jax convert-internvl --input InternVL2_5-8B --output InternVL2_5-8B-native
 
-The weights are read one safetensors shard at a time (memory-mapped) and written as one output
-shard per input shard, so the peak memory is about one shard. Pickle checkpoints (.bin/.pt) are
-refused: loading them runs arbitrary code.
+Everything is checked (config fields, tensor names and shapes from the shard headers, tokenizer
+against the embedding) before the first file is written. The weights are then converted one input
+shard at a time into one output shard each, so the peak memory is about one shard. Pickle
+checkpoints (.bin/.pt) are refused: loading them runs arbitrary code.
 
 InternLM2's `wqkv` [K*(G+2)*H, D] (K kv heads, G = N/K query heads per kv head, H head dim, D model
 dim) stores, for each kv head in turn, its G query heads, then its key head, then its value head:
@@ -25,7 +26,8 @@ tokenizer_config.json) becomes a fast tokenizer.json that tokenizes like the ori
 is carried over. Either is checked against the checkpoint (`check_vocab`): every id fits the
 embedding rows and <img>, </img>, <IMG_CONTEXT> exist. The chat template, the image processor
 (GotOcr2, InternVL's dynamic 448-px tiling) and processor configs the native processor needs are
-written beside it.
+written beside it. The chat template is the -hf repositories' ChatML one: unlike the release's
+`chat()`, it adds no default system message when the conversation has none.
 """
 
 from __future__ import annotations
@@ -123,13 +125,13 @@ def read_release_config(src_dir: str | Path) -> dict:
     if template not in CHATML_TEMPLATES:
         raise InputError(f"{path}: field 'template' is {template!r}; the native chat template is "
                          f"ChatML, which matches the release templates {list(CHATML_TEMPLATES)}")
+    _text_config(llm, path)  # their checks of the fields, before any tensor is read
+    _vision_config(config["vision_config"], path)
     image_size = config.get("force_image_size") or config["vision_config"]["image_size"]
     if image_size != config["vision_config"]["image_size"]:
         raise InputError(f"{path}: field 'force_image_size' ({image_size}) differs from "
                          f"'vision_config.image_size' ({config['vision_config']['image_size']}); "
                          "the native model has one image size")
-    _text_config(llm, path)  # their checks of the fields, before any tensor is read
-    _vision_config(config["vision_config"], path)
     return config
 
 
