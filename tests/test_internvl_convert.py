@@ -45,20 +45,31 @@ CORPUS = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_sentencepiece(add_dummy_prefix: bool) -> bytes:
+# sentencepiece normalizer settings: identity without whitespace clean-up, without and with the
+# dummy prefix; sentencepiece's defaults (NFKC charsmap, clean-up, prefix); identity + clean-up.
+SP_SETTINGS = {
+    "no_dummy_prefix": dict(add_dummy_prefix=False),
+    "dummy_prefix": dict(add_dummy_prefix=True),
+    "nfkc_cleanup": dict(normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True),
+    "identity_cleanup": dict(remove_extra_whitespaces=True),
+}
+
+
+def _train_sentencepiece(**settings) -> bytes:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS), model_writer=model, model_type="bpe", vocab_size=400,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=add_dummy_prefix,
+        byte_fallback=True, character_coverage=1.0,
+        **({"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+            "add_dummy_prefix": True} | settings),
         user_defined_symbols=CHAT_TOKENS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         minloglevel=2)
     return model.getvalue()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["no_dummy_prefix", "dummy_prefix"])
+@pytest.fixture(scope="module", params=SP_SETTINGS)
 def sp_model(request) -> bytes:
-    return _train_sentencepiece(request.param)
+    return _train_sentencepiece(**SP_SETTINGS[request.param])
 
 
 def _tokenizer_config(sp_size: int, image_tokens: list[str] = INTERNVL_TOKENS) -> dict:
@@ -465,15 +476,17 @@ def test_qwen2_tokenizer_is_carried_over(tmp_path):
 
 
 def test_tokenizer_matches_sentencepiece_on_random_text(tmp_path, sp_model):
-    """Merge order and byte fallback over many strings, not only the handful above."""
+    """Merge order, byte fallback and the normalizer over many strings, not only the handful
+    above."""
     from eureka_jax.models.internvl_convert import build_sentencepiece_tokenizer
 
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     (tmp_path / "tokenizer.model").write_bytes(sp_model)
     tokenizer = build_sentencepiece_tokenizer(tmp_path / "tokenizer.model", add_bos_token=False)
-    alphabet = list("".join(CORPUS)) + [" ", "  ", "\n", "\t", "é", "数", "🙂", "<", ">"]
+    alphabet = list("".join(CORPUS)) + [" ", "  ", "\n", "\t", "\u3000", "é", "数", "🙂", "ｆ",
+                                        "①", "<", ">"]
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for _ in range(500):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 60))))
         text = text.replace("<|im_end|>", "").replace("<|im_start|>", "")
         assert tokenizer.encode(text).ids == sp.encode(text), repr(text)
