@@ -572,7 +572,10 @@ class Projector(nnx.Module):
         d = config.text.hidden_size
         kw = dict(use_bias=True, config=config, rngs=rngs)
         self.layer_norm = LayerNorm(width, PROJECTOR_NORM_EPS, config)
-        self.linear_1 = Dense(width, d, ("vision_mlp", "embed"), **kw)
+        # The decoder MLP's pattern (in over fsdp then out over tensor, then back): with
+        # linear_1's output over fsdp, which the batch axis also uses, XLA's SPMD partitioner
+        # (jax 0.10.2, CPU) swapped whole tiles between batch shards.
+        self.linear_1 = Dense(width, d, ("vision_embed", "mlp"), **kw)
         self.linear_2 = Dense(d, d, ("mlp", "embed"), **kw)
         self.act = _activation(config.projector_hidden_act)
 
