@@ -235,8 +235,10 @@ def release_config(model: InternVLForConditionalGeneration, text: str) -> dict:
 
 
 def write_release(directory: Path, model, text: str, sp_bytes: bytes | None, shards: int = 1,
-                  tokenizer_config: dict | None = None, tied_head_copy: bool = False) -> Path:
-    """A release directory; `sp_bytes` None: no tokenizer (the caller writes one)."""
+                  tokenizer_config: dict | None = None, tied_head_copy: bool = False,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """A release directory (weights stored as `dtype`); `sp_bytes` None: no tokenizer (the
+    caller writes one)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(release_config(model, text)))
     if sp_bytes is not None:
@@ -244,7 +246,8 @@ def write_release(directory: Path, model, text: str, sp_bytes: bytes | None, sha
         sp_size = spm.SentencePieceProcessor(model_proto=sp_bytes).get_piece_size()
         (directory / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config or _tokenizer_config(sp_size)))
-    tensors = release_state_dict(model, text, tied_head_copy=tied_head_copy)
+    tensors = {name: value.to(dtype) for name, value
+               in release_state_dict(model, text, tied_head_copy=tied_head_copy).items()}
     names = sorted(tensors)
     if shards == 1:
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -296,6 +299,9 @@ PARITY_CASES = {
     "qwen2_tied_head_copy": dict(text="qwen2", tie=True, tied_head_copy=True),
     # a Llama language model in transformers' names, with biases
     "llama": dict(text="llama", llm=dict(attention_bias=True, mlp_bias=True)),
+    # the releases' dtype: bfloat16 files (the weights are bfloat16 values; the logits compare in
+    # float32, where casting the rotary buffers to bfloat16 cannot blur them)
+    "internlm2_bfloat16": dict(text="internlm2", shards=2, file_dtype=torch.bfloat16),
 }
 
 
@@ -304,11 +310,15 @@ def test_converted_checkpoint_gives_the_original_logits(tmp_path, small_sp, case
     options = dict(PARITY_CASES[case])
     text, shards = options.pop("text"), options.pop("shards", 1)
     tied_head_copy = options.pop("tied_head_copy", False)
+    file_dtype = options.pop("file_dtype", torch.float32)
     sp_size = spm.SentencePieceProcessor(model_proto=small_sp).get_piece_size()
     model = _native_model(text, vocab_size=sp_size + len(INTERNVL_TOKENS) + 3,
                           image_token_id=sp_size + 2, **options)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(file_dtype))
     src = write_release(tmp_path / "release", model, text, small_sp, shards=shards,
-                        tied_head_copy=tied_head_copy)
+                        tied_head_copy=tied_head_copy, dtype=file_dtype)
     report = convert_release_checkpoint(src, tmp_path / "native")
     assert report.image_token_id == sp_size + 2
     assert report.num_shards == shards
@@ -319,10 +329,15 @@ def test_converted_checkpoint_gives_the_original_logits(tmp_path, small_sp, case
     assert config["text_config"]["model_type"] == model.config.text_config.model_type
     assert config["vision_feature_layer"] == model.config.vision_feature_layer
     assert config["tie_word_embeddings"] == model.config.tie_word_embeddings
+    assert config["dtype"] == str(file_dtype).removeprefix("torch.")
 
     converted, info = InternVLForConditionalGeneration.from_pretrained(
         tmp_path / "native", output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+    want_params, got_params = model.state_dict(), converted.state_dict()
+    assert sorted(got_params) == sorted(want_params)
+    for name, value in want_params.items():
+        assert torch.equal(got_params[name], value), name
     inputs = _image_input(sp_size, num_tiles=2, tokens_per_tile=config["image_seq_length"])
     with torch.no_grad():
         want = model(**inputs).logits

@@ -12,7 +12,8 @@ becoming a Llama one), which transformers loads without remote code:
 
 Everything is checked (config fields, tensor names and shapes from the shard headers, tokenizer
 against the embedding) before the first file is written. The weights are then converted one input
-shard at a time into one output shard each, so the peak memory is about one shard. Pickle
+shard at a time into one output shard each, read through a memory map (hf_io.SafetensorsFile):
+renamed tensors are written straight from it and only the split q/k/v tensors are copied. Pickle
 checkpoints (.bin/.pt) are refused: loading them runs arbitrary code.
 
 InternLM2's `wqkv` [K*(G+2)*H, D] (K kv heads, G = N/K query heads per kv head, H head dim, D model
@@ -39,10 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from eureka_jax.errors import InputError
+from eureka_jax.hf_io import SafetensorsFile, write_safetensors
 
 # llm_config.architectures[0] -> (transformers model_type of the native text config, name family)
 LLM_ARCHITECTURES = {
@@ -440,12 +440,8 @@ def convert_tensor(name: str, array: np.ndarray, rules) -> dict[str, np.ndarray]
 
 def _shard_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """tensor name -> (shape, safetensors dtype) of one shard, from its header alone."""
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
-                    for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e}); re-download it") from e
+    header = SafetensorsFile(path).header
+    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
 
 
 def release_weight_files(src_dir: Path) -> tuple[Path, dict[str, Path]]:
@@ -511,8 +507,7 @@ def _check_tensors(release: dict, listing: Path, files: dict[str, Path]) -> set[
 
 
 def _read_tensor(path: Path, name: str) -> np.ndarray:
-    with safe_open(str(path), framework="np") as f:
-        return f.get_tensor(name)
+    return SafetensorsFile(path).tensor(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,14 +772,15 @@ def convert_release_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Conv
     shard_files = sorted(set(files.values()))
     weight_map, total_size = {}, 0
     for number, shard_path in enumerate(shard_files, start=1):
+        # Renamed tensors stay views of the memory-mapped input; only split ones are copies.
+        shard = SafetensorsFile(shard_path)
         out: dict[str, np.ndarray] = {}
-        with safe_open(str(shard_path), framework="np") as shard:
-            for name in shard.keys():  # noqa: SIM118 (safe_open is no dict)
-                if files.get(name) == shard_path and name not in skip:
-                    out |= convert_tensor(name, shard.get_tensor(name), rules)
+        for name in shard.header:
+            if files.get(name) == shard_path and name not in skip:
+                out |= convert_tensor(name, shard.tensor(name), rules)
         out_name = ("model.safetensors" if len(shard_files) == 1
                     else f"model-{number:05d}-of-{len(shard_files):05d}.safetensors")
-        save_file(out, str(dst / out_name), metadata={"format": "pt"})
+        write_safetensors(dst / out_name, out)
         weight_map |= dict.fromkeys(out, out_name)
         total_size += sum(a.nbytes for a in out.values())
     if len(shard_files) > 1:
