@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,14 @@ class ConvertReport:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as JSON ({e}); restore it from the release"
+                         ) from e
+
+
 def _field(config: dict, name: str, where: str, path: Path):
     if name not in config:
         raise InputError(f"{path}: {where} has no field {name!r}; is this an InternVL2.5 release "
@@ -102,10 +110,7 @@ def read_release_config(src_dir: str | Path) -> dict:
     path = Path(src_dir) / "config.json"
     if not path.exists():
         raise InputError(f"{path}: missing; --input must be an InternVL2.5 release directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    config = _read_json(path)
     architectures = config.get("architectures") or []
     if "InternVLChatModel" not in architectures:
         hint = (" (already the native layout)" if config.get("model_type") == "internvl" else "")
@@ -448,7 +453,7 @@ def release_weight_files(src_dir: Path) -> tuple[Path, dict[str, Path]]:
     """(the file that lists the tensors, tensor name -> shard) of a release directory."""
     index = src_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _field(_read_json(index), "weight_map", index.name, index)
         files = {}
         for name, filename in weight_map.items():
             if not (src_dir / filename).exists():
@@ -519,18 +524,18 @@ def _added_tokens(src_dir: Path) -> list[dict]:
     """The tokens added on top of the base vocabulary: tokenizer_config.json's
     added_tokens_decoder, or added_tokens.json; each {"id", "content", "special", ...}."""
     config_path = src_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = _read_json(config_path) if config_path.exists() else {}
     tokens = []
     for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
         tokens.append({**entry, "id": int(token_id)})
     added_path = src_dir / "added_tokens.json"
     if not tokens and added_path.exists():
-        for content, token_id in json.loads(added_path.read_text()).items():
+        for content, token_id in _read_json(added_path).items():
             tokens.append({"id": int(token_id), "content": content, "special": True})
     return sorted(tokens, key=lambda t: t["id"])
 
 
-def build_sentencepiece_tokenizer(model_file: str | Path, added_tokens: list[dict] = (),
+def build_sentencepiece_tokenizer(model_file: str | Path, added_tokens: Sequence[dict] = (),
                                   add_bos_token: bool = True, add_eos_token: bool = False):
     """A fast `tokenizers.Tokenizer` that tokenizes like InternLM2's sentencepiece tokenizer.
 
@@ -599,7 +604,10 @@ def build_sentencepiece_tokenizer(model_file: str | Path, added_tokens: list[dic
                            rstrip=bool(entry.get("rstrip", False)),
                            single_word=bool(entry.get("single_word", False)),
                            normalized=bool(entry.get("normalized", False)))
-        tokenizer.add_special_tokens([token]) if token.special else tokenizer.add_tokens([token])
+        if token.special:
+            tokenizer.add_special_tokens([token])
+        else:
+            tokenizer.add_tokens([token])
         if tokenizer.token_to_id(entry["content"]) != entry["id"]:
             raise InputError(f"{path.parent / 'tokenizer_config.json'}: added token "
                              f"{entry['content']!r} has id {entry['id']}, but the sentencepiece "
@@ -638,7 +646,7 @@ def _load_tokenizer(src_dir: Path):
     from tokenizers import Tokenizer
 
     config_path = src_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = _read_json(config_path) if config_path.exists() else {}
     if (src_dir / "tokenizer.model").exists():
         file = src_dir / "tokenizer.model"
         tokenizer = build_sentencepiece_tokenizer(
