@@ -39,7 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                             use_mean_pooling=False),
     "llama_gqa4_tied": dict(text_model_type="llama", num_key_value_heads=1,
                             tie_word_embeddings=True, vision_attention_bias=True,
-                            vision_feature_layer=-2, rope_theta=500000.0),
+                            text_attention_bias=True, vision_feature_layer=-2,
+                            rope_theta=500000.0),
     "llama_gqa2_untied": dict(text_model_type="llama", num_key_value_heads=2,
                               tie_word_embeddings=False, use_qk_norm=True,
                               vision_feature_layer=1),
@@ -49,11 +50,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def tiny_hf_config(*, text_model_type: str = "qwen2", num_key_value_heads: int = 2,
                    tie_word_embeddings: bool = False, use_qk_norm: bool = False,
                    norm_type: str = "layer_norm", use_mean_pooling: bool = True,
-                   vision_attention_bias: bool = False, vision_feature_layer: int = -1,
+                   vision_attention_bias: bool = False, text_attention_bias: bool = False,
+                   vision_feature_layer: int = -1,
                    rope_theta: float = 1000000.0, image_size: int = TILE,
                    initializer_range: float = 0.2) -> dict[str, Any]:
     """A transformers InternVLConfig as a dict: 2-layer InternViT of width 32, 2-layer decoder
-    of width 64 (head_dim 16), vocabulary 128."""
+    of width 64 (head_dim 16), vocabulary 128. `text_attention_bias` is Llama's attention_bias
+    (q/k/v and o_proj biases, as InternLM2 "bias" converts); Qwen2 has q/k/v biases anyway."""
     text = {
         "model_type": text_model_type, "vocab_size": VOCAB_SIZE, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -63,6 +66,8 @@ def tiny_hf_config(*, text_model_type: str = "qwen2", num_key_value_heads: int =
         "tie_word_embeddings": tie_word_embeddings, "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
     }
+    if text_model_type == "llama":
+        text["attention_bias"] = text_attention_bias
     vision = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "image_size": image_size, "patch_size": 14,

@@ -93,6 +93,10 @@ def test_config_round_trips(dirs):
         assert InternVLConfig.from_hf_dict(rebuilt.to_dict()) == config
     llama = internvl_io.read_config(dirs[UNTIED])
     assert llama.text_model_type == "llama" and not llama.text.attention_bias
+    biased = InternVLConfig.from_hf_dict(it.tiny_hf_config(text_model_type="llama",
+                                                           text_attention_bias=True))
+    assert biased.text.attention_bias and biased.text.o_proj_bias
+    assert InternVLConfig.from_hf_dict(biased.to_hf_dict()) == biased
     qwen = internvl_io.read_config(dirs[TIED])
     assert qwen.text_model_type == "qwen2" and qwen.text.attention_bias
     assert qwen.tokens_per_tile == 4 and qwen.eos_token_id == it.EOS_TOKEN_ID
@@ -129,8 +133,8 @@ def test_unsupported_configs_are_rejected(dirs, tmp_path):
     with pytest.raises(InputError, match="rope_type 'linear'"):
         InternVLConfig.from_hf_dict(_hf(rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                          "rope_theta": 1e4}))
-    with pytest.raises(InputError, match="attention_bias=true is not supported for llama"):
-        InternVLConfig.from_hf_dict(_hf(model_type="llama", attention_bias=True))
+    with pytest.raises(InputError, match="mlp_bias=true is not supported"):
+        InternVLConfig.from_hf_dict(_hf(model_type="llama", mlp_bias=True))
     with pytest.raises(InputError, match="model_type='qwen2_5_vl'"):
         InternVLConfig.from_hf_dict({**it.tiny_hf_config(), "model_type": "qwen2_5_vl"})
     with pytest.raises(InputError, match="image_seq_length 256 disagrees"):

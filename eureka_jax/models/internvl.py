@@ -6,9 +6,9 @@ the stacked scan), run with 1-D rotary positions: M-RoPE with a single section o
 frequencies reads only the first of the three position rows, so `positions_3xBxT` carries the
 same text positions 0..n-1 (over the non-padding tokens of a left-padded row) in all three rows,
 exactly the `attention_mask.cumsum(-1) - 1` that transformers' `generate` computes. Qwen2 and
-Llama differ here only in whether q/k/v have biases (TextConfig.attention_bias). Because the model
-keeps `Qwen25VL`'s method contract (encode_images, embed, decode, decode_step, logits), the sampler
-and the trainer run it unchanged.
+Llama differ here only in their attention biases (TextConfig.attention_bias, o_proj_bias).
+Because the model keeps `Qwen25VL`'s method contract (encode_images, embed, decode, decode_step,
+logits), the sampler and the trainer run it unchanged.
 
 Vision (static shapes). The host cuts every image into 448 px tiles (InternVL's dynamic tiling
 plus a thumbnail) and pads each batch row to a tile budget I: `InternVisionInputs`. The tower
@@ -150,6 +150,10 @@ class InternVLConfig:
         if text.num_attention_heads % text.num_key_value_heads:
             raise InputError("text_config.num_attention_heads must be divisible by "
                              "num_key_value_heads")
+        biases = (text.attention_bias, text.o_proj_bias)
+        if biases != {"qwen2": (True, False)}.get(self.text_model_type, (biases[0],) * 2):
+            raise InputError(f"{self.text_model_type} attention biases (q/k/v, o_proj) cannot "
+                             f"be {biases}")
         if tuple(text.mrope_section) != (text.head_dim // 2,):
             raise InputError(f"InternVL uses 1-D rotary: mrope_section must be "
                              f"({text.head_dim // 2},), got {text.mrope_section}")
@@ -326,12 +330,8 @@ def _text_from_hf(text: Mapping[str, Any]) -> tuple[dict[str, Any], str, float]:
     defaults = _TEXT_DEFAULTS[model_type]
     if model_type == "qwen2" and text.get("use_sliding_window"):
         raise InputError("text_config.use_sliding_window=true is not supported")
-    if model_type == "llama":
-        if text.get("mlp_bias"):
-            raise InputError("text_config.mlp_bias=true is not supported")
-        if text.get("attention_bias"):
-            # Llama's attention_bias also gives o_proj a bias, which the shared decoder lacks.
-            raise InputError("text_config.attention_bias=true is not supported for llama")
+    if model_type == "llama" and text.get("mlp_bias"):
+        raise InputError("text_config.mlp_bias=true is not supported")
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     if head_dim * heads != text["hidden_size"]:
@@ -352,7 +352,9 @@ def _text_from_hf(text: Mapping[str, Any]) -> tuple[dict[str, Any], str, float]:
                                          defaults["max_position_embeddings"]),
         rope_theta=float(rope_theta),
         mrope_section=(head_dim // 2,),
-        attention_bias=model_type == "qwen2",
+        # Qwen2: q/k/v biases only; Llama's attention_bias: q/k/v and o_proj (InternLM2 "bias").
+        attention_bias=model_type == "qwen2" or bool(text.get("attention_bias", False)),
+        o_proj_bias=model_type == "llama" and bool(text.get("attention_bias", False)),
     )
     return kwargs, rope_type, float(rope.get("factor", 1.0))
 

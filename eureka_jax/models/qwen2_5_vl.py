@@ -109,8 +109,9 @@ class TextConfig:
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
     # q/k/v projection biases: Qwen2 has them; a Llama decoder (InternVL, models/internvl.py)
-    # follows its config's attention_bias.
+    # follows its config's attention_bias, which also gives o_proj one (o_proj_bias).
     attention_bias: bool = True
+    o_proj_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -195,7 +196,8 @@ class Qwen25VLConfig:
             vision.get("fullatt_block_indexes", VisionConfig.fullatt_block_indexes)
         )
         vision_kwargs["rope_theta"] = vision_rope.get("rope_theta", VisionConfig.rope_theta)
-        text_fields = {f.name for f in dataclasses.fields(TextConfig)} - {"attention_bias"}
+        text_fields = {f.name for f in dataclasses.fields(TextConfig)} - {
+            "attention_bias", "o_proj_bias"}
         text_kwargs = {k: v for k, v in text.items() if k in text_fields}
         text_kwargs.update(rope_theta=float(rope_theta), mrope_section=tuple(mrope_section))
         if text_kwargs.get("num_key_value_heads") is None:
@@ -218,7 +220,7 @@ class Qwen25VLConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers loads as Qwen2_5_VLForConditionalGeneration."""
         text = dataclasses.asdict(self.text)
-        text.pop("attention_bias")  # always true for Qwen2.5-VL
+        del text["attention_bias"], text["o_proj_bias"]  # fixed for Qwen2.5-VL
         mrope_section = list(text.pop("mrope_section"))
         rope_theta = text.pop("rope_theta")
         text.update(
@@ -649,7 +651,8 @@ class Attention(nnx.Module):
         self.q_proj = Dense(d, self.num_heads * h, ("embed", "heads"), use_bias=bias, **kw)
         self.k_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=bias, **kw)
         self.v_proj = Dense(d, self.num_kv_heads * h, ("embed", "kv_heads"), use_bias=bias, **kw)
-        self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=False, **kw)
+        self.o_proj = Dense(self.num_heads * h, d, ("heads", "embed"), use_bias=text.o_proj_bias,
+                            **kw)
 
     def _project(self, x_BxTxD, cos, sin):
         b, t, _ = x_BxTxD.shape
