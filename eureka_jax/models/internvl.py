@@ -102,6 +102,9 @@ class InternViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InternVLConfig:
+    """The defaults are InternVL2.5-1B's shapes (InternViT-300M + Qwen2.5-0.5B) as recalled, not
+    checked against its hub config: load real checkpoints with `from_hf_dict` / internvl_io."""
+
     vision: InternViTConfig = InternViTConfig()
     text: TextConfig = TextConfig(
         vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -378,6 +381,8 @@ class InternVisionInputs:
 
 
 class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm (weight and bias); statistics in float32 whatever the compute dtype."""
+
     def __init__(self, dim: int, eps: float, config: InternVLConfig):
         dtype = DTYPES[config.param_dtype]
         self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
@@ -616,6 +621,10 @@ class InternVL(nnx.Module):
     def encode_images(self, vision: InternVisionInputs) -> jax.Array:
         """Vision tokens [B, I * tokens_per_tile, D] of every row's tiles, in tile order."""
         b, i, c, s, _ = vision.pixels_BxIxCxSxS.shape
+        unit = self.config.vision.patch_size * self.config.shuffle_factor
+        if s % unit:
+            raise InputError(f"tiles of {s} px: the side must be a multiple of patch_size x "
+                             f"1 / downsample_ratio = {unit} px")
         # Padding tiles are zeroed: whatever the host left there cannot reach a gradient.
         pixels = jnp.where(vision.tile_valid_BxI[:, :, None, None, None],
                            vision.pixels_BxIxCxSxS, 0).reshape(b * i, c, s, s)
