@@ -52,7 +52,8 @@ def tiny_hf_config(*, text_model_type: str = "qwen2", num_key_value_heads: int =
                    norm_type: str = "layer_norm", use_mean_pooling: bool = True,
                    vision_attention_bias: bool = False, text_attention_bias: bool = False,
                    vision_feature_layer: int = -1,
-                   rope_theta: float = 1000000.0, image_size: int = TILE,
+                   rope_theta: float = 1000000.0, dynamic_rope_factor: float | None = None,
+                   image_size: int = TILE,
                    initializer_range: float = 0.2) -> dict[str, Any]:
     """A transformers InternVLConfig as a dict: 2-layer InternViT of width 32, 2-layer decoder
     of width 64 (head_dim 16), vocabulary 128. `text_attention_bias` is Llama's attention_bias
@@ -68,6 +69,9 @@ def tiny_hf_config(*, text_model_type: str = "qwen2", num_key_value_heads: int =
     }
     if text_model_type == "llama":
         text["attention_bias"] = text_attention_bias
+    if dynamic_rope_factor is not None:
+        text["rope_parameters"] = {"rope_type": "dynamic", "factor": dynamic_rope_factor,
+                                   "rope_theta": rope_theta}
     vision = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "image_size": image_size, "patch_size": 14,

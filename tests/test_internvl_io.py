@@ -151,18 +151,26 @@ def test_unsupported_configs_are_rejected(dirs, tmp_path):
         internvl_io.load_model(tmp_path)
 
 
-def test_dynamic_rope_accepted_up_to_max_positions():
-    """Dynamic NTK scaling changes nothing below max_position_embeddings (512 here), so such
-    configs load; a longer sequence is refused instead of computed wrongly."""
-    from flax import nnx
+def test_dynamic_rope_accepted_up_to_max_positions(tmp_path):
+    """Dynamic NTK scaling (InternLM2.5's rope) changes nothing below max_position_embeddings
+    (512 here): such a checkpoint matches transformers there; a longer sequence is refused
+    instead of computed wrongly."""
+    import jax
 
-    from eureka_jax.models.internvl import InternVL
-
-    hf = _hf(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
-    config = InternVLConfig.from_hf_dict(hf)
+    model_dir = it.make_hf_model_dir(tmp_path, seed=4, text_model_type="llama",
+                                     text_attention_bias=True, dynamic_rope_factor=2.0)
+    model = internvl_io.load_model(model_dir)
+    config = model.config
     assert config.rope_type == "dynamic" and config.to_hf_dict()["text_config"][
         "rope_parameters"]["factor"] == 2.0
-    model = InternVL(config, nnx.Rngs(0))
+    prompt = it.make_prompt(config, (4, 1, 5), seed=0)
+    batch = jax.tree.map(np.asarray, it.prompt_batch([prompt], config,
+                                                     length=len(prompt.input_ids_T), tiles=1))
+    ours = np.asarray(jax.jit(model.__call__)(batch.input_ids_BxT, batch.positions_3xBxT,
+                                              batch.attention_mask_BxT, batch.vision,
+                                              batch.token_source_BxT))
+    reference = it.reference_logits(it.load_reference(model_dir), it.hf_inputs([prompt], config))
+    assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max()
     model.text_rotary_table(512)
     with pytest.raises(InputError, match="exceeds max_position_embeddings 512"):
         model.text_rotary_table(513)

@@ -5,7 +5,8 @@ The language model is the Qwen2.5-VL port's decoder (models/qwen2_5_vl.py: Decod
 the stacked scan), run with 1-D rotary positions: M-RoPE with a single section of head_dim / 2
 frequencies reads only the first of the three position rows, so `positions_3xBxT` carries the
 same text positions 0..n-1 (over the non-padding tokens of a left-padded row) in all three rows,
-exactly the `attention_mask.cumsum(-1) - 1` that transformers' `generate` computes. Qwen2 and
+exactly the `attention_mask.cumsum(-1) - 1` that transformers' `generate` computes (its plain
+forward without position_ids counts left padding too, so parity tests pass them). Qwen2 and
 Llama differ here only in their attention biases (TextConfig.attention_bias, o_proj_bias).
 Because the model keeps `Qwen25VL`'s method contract (encode_images, embed, decode, decode_step,
 logits), the sampler and the trainer run it unchanged.
