@@ -19,9 +19,10 @@ and projects it to the text width, so a tile of S px gives (S / patch * ratio)^2
 448 px). The k-th <IMG_CONTEXT> token of a row takes feature k of its row (`token_source_BxT`),
 features in tile order; padding tiles' features are computed and never referenced.
 
-Einsum letters: B batch, T query length, S key length, N heads, K kv heads, H head dim, D model
-dim, V vocab, P patches per tile, C patch features, M vision tokens per row; in shape suffixes
-also I tiles per row, Y layers and L generated tokens.
+Shape letters: B batch, T query length, S key length (in pixels_BxIxCxSxS, the contract's name:
+the tile side in pixels), N heads, K kv heads, H head dim, D model dim, V vocab, P patches per
+tile (with the cls token in the tower), C channels or patch features, M vision tokens per row,
+I tiles per row, Y layers, L generated tokens.
 """
 
 from __future__ import annotations
