@@ -32,6 +32,7 @@ from bench_common import TEXT_512, VISION_DEPTH_4
 from flax import nnx
 
 from eureka_jax import hf_io, testing, verify
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.processing import QwenVLProcessor
 
 
@@ -59,7 +60,7 @@ def make_inputs(model_dir: Path, vocab_limit: int) -> dict[str, dict[str, np.nda
                                     images=[testing.draw_image(448, 448, seed=1)])
     return {
         "text_2x256": {"input_ids": text_ids, "attention_mask": np.ones_like(text_ids)},
-        "one_image_448px": verify.hf_arrays([image_prompt], processor.pad_token_id),
+        "one_image_448px": qwen.hf_arrays([image_prompt], processor.pad_token_id),
     }
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
                                           text_config=TEXT_512, vision_config=VISION_DEPTH_4)
     model = hf_io.load_model(model_dir)
-    reference = verify.load_reference(model_dir)
+    reference = qwen.load_reference(model_dir)
     image_token_id = model.config.image_token_id
     vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]
 
@@ -92,18 +93,18 @@ def main() -> None:
 
     results = {}
     for name, arrays in make_inputs(model_dir, vocab_limit).items():
-        batch = jax.device_put(verify.port_inputs(arrays, model.config))
-        torch_inputs = verify.reference_inputs(arrays, image_token_id)
+        batch = jax.device_put(qwen.port_inputs(arrays, model.config))
+        torch_inputs = qwen.reference_inputs(arrays, image_token_id)
 
         start = time.perf_counter()
         ours = np.asarray(jax.block_until_ready(forward(state, batch)))
         compile_s = time.perf_counter() - start
-        theirs = verify.reference_forward(reference, torch_inputs).numpy()
+        theirs = qwen.reference_forward(reference, torch_inputs).numpy()
         agreement = verify.compare(ours, theirs, arrays["attention_mask"])
 
         medians = interleaved_medians_ms(
             {"jax": (forward, (state, batch)),
-             "torch": (verify.reference_forward, (reference, torch_inputs))}, args.repeats)
+             "torch": (qwen.reference_forward, (reference, torch_inputs))}, args.repeats)
         jax_ms, torch_ms = medians["jax"], medians["torch"]
         results[name] = {
             "tokens": int(arrays["attention_mask"].sum()),

@@ -48,8 +48,9 @@ from bench_common import hf_prompt_inputs
 from flax import nnx
 
 from eureka_jax import hf_io, testing
-from eureka_jax.batching import Buckets, collate_prompts, prompt_row
+from eureka_jax.batch import Buckets
 from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row
 from eureka_jax.sampler import Sampler, SamplingConfig, generate
 
 TEXT = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,

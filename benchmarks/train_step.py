@@ -75,10 +75,11 @@ import numpy as np
 from bench_common import TEXT_512, VISION_DEPTH_4, hf_prompt_inputs
 from flax import nnx
 
-from eureka_jax import batching, hf_io, testing
+from eureka_jax import hf_io, policy, testing
+from eureka_jax.batch import Buckets, TrainBatch
 from eureka_jax.configs_common import base_config
 from eureka_jax.metrics import read_metrics
-from eureka_jax.processing import EncodedPrompt, QwenVLProcessor
+from eureka_jax.processing import EncodedPrompt, QwenVLProcessor, qwen_rows
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import ScoredGroup, collate_groups
 from eureka_jax.train import make_optimizer, make_update_step, split_trainable
@@ -182,7 +183,7 @@ def make_groups(prompts, config, vocab_limit: int, seed: int) -> list[ScoredGrou
     groups = []
     for i, encoded in enumerate(prompts):
         groups.append(ScoredGroup(
-            row=batching.prompt_row(encoded, config, name=f"prompt {i}"), record_id=str(i),
+            row=qwen_rows.prompt_row(encoded, config, name=f"prompt {i}"), record_id=str(i),
             tokens_GxL=rng.integers(0, vocab_limit, (1, RESPONSE)).astype(np.int32),
             logprobs_GxL=np.zeros((1, RESPONSE), np.float32),
             lengths_G=np.asarray([RESPONSE]), rewards_G=np.zeros(1, np.float32),
@@ -190,13 +191,13 @@ def make_groups(prompts, config, vocab_limit: int, seed: int) -> list[ScoredGrou
     return groups
 
 
-def with_old_logprobs(batch: batching.TrainBatch, logp_BxL: np.ndarray, seed: int):
+def with_old_logprobs(batch: TrainBatch, logp_BxL: np.ndarray, seed: int):
     """Old log-probs = current ones + N(0, 0.1^2) noise: ratios near 1, a few clipped."""
     noise = np.random.default_rng(seed).normal(0.0, 0.1, logp_BxL.shape).astype(np.float32)
     return batch.replace(old_logp_BxL=(logp_BxL + noise).astype(np.float32))
 
 
-def torch_inputs(prompts, batch: batching.TrainBatch, pad_token_id: int, image_token_id: int):
+def torch_inputs(prompts, batch: TrainBatch, pad_token_id: int, image_token_id: int):
     """The same sequences for transformers: prompts left-padded to PROMPT, then the response."""
     inputs = hf_prompt_inputs(prompts, PROMPT, pad_token_id, image_token_id,
                               batch.response_tokens_BxL, batch.response_mask_BxL)
@@ -227,7 +228,7 @@ class TorchStep:
             self.optimizer, lambda count: float(schedule(count)) / optim.lr)
         self.grad_clip, self.rl = optim.grad_clip, rl
 
-    def set_batch(self, inputs: dict, batch: batching.TrainBatch) -> None:
+    def set_batch(self, inputs: dict, batch: TrainBatch) -> None:
         torch = self.torch
         self.inputs = inputs
         self.targets = torch.as_tensor(np.asarray(batch.response_tokens_BxL, np.int64))
@@ -267,7 +268,7 @@ class JaxStep:
         self.opt_state = jax.jit(tx.init)(split_trainable(self.params, optim.freeze_vision)[0])
         self.update = make_update_step(self.graphdef, tx, rl, optim.freeze_vision)
         graphdef = self.graphdef
-        self.logprobs = jax.jit(lambda params, batch: batching.response_logprobs(
+        self.logprobs = jax.jit(lambda params, batch: policy.response_logprobs(
             nnx.merge(graphdef, params), batch)[0])
 
     def set_batch(self, batch) -> None:
@@ -376,7 +377,7 @@ def main() -> None:
     ours = JaxStep(hf_io.load_model(model_dir), optim, rl)
     config = nnx.merge(ours.graphdef, ours.params).config
     theirs = TorchStep(model_dir, optim, rl, ours.schedule)
-    buckets = batching.Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
+    buckets = Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
 
     cases = {}
     for name, with_image in (("text", False), ("one_image", True)):

@@ -4,7 +4,8 @@
         --config.model.path=runs/demo/sft_model --config.data.train=runs/demo/data/train.jsonl
 
 `eureka-jax demo` (what `make demo` runs) creates the data and the warm-started model first and
-fills these paths in. Every RL field is documented in eureka_jax/rl_config.py.
+fills these paths in. Every RL field is documented in eureka_jax/rl_config.py. `:internvl` is the
+same run for a tiny InternVL (`eureka-jax demo --family internvl`): one 56 px tile per image.
 """
 
 from eureka_jax.configs_common import base_config
@@ -65,6 +66,9 @@ def get_config(arg: str | None = None):
     config.checkpoint.every = 10
     config.checkpoint.keep = 2
 
+    if arg == "internvl":
+        config.data.max_tiles = 1  # one tile of 16 vision tokens, as the Qwen demo's 64 patches
+        config.data.patch_buckets = (1,)  # tiles per prompt
     if arg == "smoke":  # seconds, for tests
         config.train.num_steps = 2
         config.train.prompts_per_rollout = 2

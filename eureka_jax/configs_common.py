@@ -33,10 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict({
         "train": "",  # jsonl / parquet / HF datasets directory
         "system_prompt": MMEUREKA_SYSTEM_PROMPT,
-        "min_pixels": 4 * 28 * 28,
+        "min_pixels": 4 * 28 * 28,  # Qwen2.5-VL image resizing
         "max_pixels": 640 * 28 * 28,
+        "max_tiles": 0,  # InternVL: 448 px tiles per image at most (0 = the checkpoint's own)
         "length_buckets": (512, 1024, 2048, 3072),  # prompt tokens
-        "patch_buckets": (0, 1024, 2560),  # patches per prompt (640*28*28 px -> 2560)
+        # Vision inputs per prompt: patches for Qwen2.5-VL (640*28*28 px -> 2560), tiles for
+        # InternVL.
+        "patch_buckets": (0, 1024, 2560),
         "skip_bad_records": False,
         "num_threads": 4,
     })
@@ -94,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
         "user_functions": (),  # (("pkg.module:function", weight), ...)
         "timeout_s": 3.0,
         "num_workers": 2,
+        "answer_source": "answer_tag",  # answer_tag | last_boxed (MM-Eureka-Zero's reward)
     })
     c.eval = ml_collections.ConfigDict({
         "data": "",  # held-out file; empty disables evaluation
@@ -179,6 +183,8 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> No
         require(bool(buckets) and min(buckets) >= least and list(buckets) == sorted(set(buckets)),
                 field, f"a non-empty, strictly increasing tuple of sizes >= {least}",
                 "each bucket is one compiled shape; a prompt takes the smallest that fits")
+    require(get("data.max_tiles") >= 0, "data.max_tiles", ">= 0",
+            "InternVL tiles per image; 0 keeps the checkpoint's max_patches")
     require(get("data.num_threads") >= 0, "data.num_threads", ">= 0", "threads per process")
 
     rl = RLConfig.from_dict(values["rl"])

@@ -36,10 +36,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from eureka_jax import hf_io, testing
+from eureka_jax import families, policy
+from eureka_jax.batch import Buckets
 from eureka_jax.data import make_synthetic
 from eureka_jax.metrics import read_metrics
-from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
 
 DEMO_TASKS = ("colour",)
 NUM_ANSWERS = 4  # the colour task's answers are 1..4
@@ -52,20 +52,6 @@ TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.py"
 # Tiny models need tiny prompts: every extra token dilutes the attention to the image tokens.
 DEMO_SYSTEM_PROMPT = "Answer."
 RESPONSE_TEMPLATE = "<think>look</think><answer>{}</answer>"
-
-
-def tiny_model_config(vocab_size: int, ids: dict[str, int]) -> Qwen25VLConfig:
-    """A few hundred thousand parameters: trains in minutes on two CPU cores."""
-    return Qwen25VLConfig(
-        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                            window_size=56, out_hidden_size=128, fullatt_block_indexes=(1,)),
-        text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                        mrope_section=(4, 6, 6), max_position_embeddings=4096),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )
 
 
 def write_sft_data(train_jsonl: Path, output: Path, seed: int) -> Path:
@@ -96,11 +82,11 @@ def sft_fit_loss(tokenizer) -> float:
     return best + 0.2 * (blind - best)
 
 
-def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, seed: int = 0,
+def run_demo(workdir: str | Path, *, family: str = "qwen2_5_vl", num_train: int = 512,
+             num_eval: int = 64, seed: int = 0,
              grpo_steps: int | None = None, reward_control: str = "none",
              config_overrides: dict | None = None, show_progress: bool = True) -> dict:
     from eureka_jax.configs_common import load_config_file
-    from eureka_jax.processing import QwenVLProcessor
     from eureka_jax.sft import sft
     from eureka_jax.train import train
 
@@ -110,10 +96,7 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
                           short_questions=True)
     init_dir = workdir / "init_model"
     if not (init_dir / "config.json").exists():
-        ids = testing.make_tokenizer_dir(init_dir, min_pixels=4 * 28 * 28,
-                                         max_pixels=16 * 28 * 28)
-        model = hf_io.init_model(tiny_model_config(ids["vocab_size"], ids), seed=seed)
-        hf_io.export_model(model, init_dir, source_dir=init_dir)
+        model = families.get(family).make_tiny_model_dir(init_dir, seed=seed)
         print(f"[demo] random tiny model: {_count(model):,} parameters -> {init_dir}")
 
     if not TINY_CONFIG.exists():
@@ -121,7 +104,7 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
 
         raise InputError(f"{TINY_CONFIG} not found: configs/ ships with the repository, not the "
                          "wheel; run the demo from a checkout (pip install -e .)")
-    config = load_config_file(TINY_CONFIG)
+    config = load_config_file(TINY_CONFIG, None if family == "qwen2_5_vl" else family)
     config.seed = seed
     config.data.system_prompt = DEMO_SYSTEM_PROMPT
     config.data.train = str(data.train_jsonl)
@@ -139,7 +122,7 @@ def run_demo(workdir: str | Path, *, num_train: int = 512, num_eval: int = 64, s
     if not (sft_dir / "model" / "config.json").exists():
         config.model.path = str(init_dir)
         sft_data = write_sft_data(data.train_jsonl, workdir / "data" / "sft.jsonl", seed)
-        tokenizer = QwenVLProcessor.from_pretrained(str(init_dir)).tokenizer
+        tokenizer = families.for_model_dir(init_dir).load_processor(init_dir).tokenizer
         fit = sft_fit_loss(tokenizer)
         print(f"[demo] cold-start SFT on a poor annotator's demonstrations (right "
               f"{TEACHER_ACCURACY:.0%} of the time), until it fits them (loss < {fit:.4f})")
@@ -185,16 +168,15 @@ def answer_distribution(model_dir: str, eval_jsonl: str | Path, config) -> dict:
     Returns `matrix` [true colour][answer] (mean renormalised probabilities), `greedy_accuracy`
     (argmax over the four), `sampled_accuracy` (mean probability of the right answer) and
     `format_mass`."""
-    from eureka_jax import batching
     from eureka_jax.data import load_records
-    from eureka_jax.evaluation import make_preprocess
-    from eureka_jax.processing import QwenVLProcessor
+    from eureka_jax.processing.examples import make_preprocess
     from eureka_jax.rollout import ScoredGroup, collate_groups
 
-    model = hf_io.load_model(model_dir)
-    processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=config.data.min_pixels,
-                                                max_pixels=config.data.max_pixels)
-    buckets = batching.Buckets(lengths=tuple(config.data.length_buckets),
+    family = families.for_model_dir(model_dir)
+    model = family.load_model(model_dir)
+    processor = family.load_processor(model_dir,
+                                      families.ImageOptions.from_data_config(config.data))
+    buckets = Buckets(lengths=tuple(config.data.length_buckets),
                                patches=tuple(config.data.patch_buckets))
     records, _ = load_records(eval_jsonl, decode_images=True)
     preprocess = make_preprocess(processor, model.config, config.data.system_prompt,
@@ -204,7 +186,7 @@ def answer_distribution(model_dir: str, eval_jsonl: str | Path, config) -> dict:
     stop_id = tokenizer.convert_tokens_to_ids(config.sampling.stop_tokens[0])
     length = config.sampling.max_new_tokens
     graphdef, params = nnx.split(model)
-    forward = jax.jit(lambda p, b: batching.response_logprobs(nnx.merge(graphdef, p), b)[0])
+    forward = jax.jit(lambda p, b: policy.response_logprobs(nnx.merge(graphdef, p), b)[0])
     logp_ExK = np.zeros((len(examples), NUM_ANSWERS))
     for k in range(NUM_ANSWERS):
         ids = tokenizer(RESPONSE_TEMPLATE.format(k + 1))["input_ids"] + [stop_id]

@@ -9,41 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from eureka_jax import distributed
-from eureka_jax.batching import Buckets, collate_prompts, prompt_row
-from eureka_jax.data import BadRecordError, Record, load_records
+from eureka_jax import distributed, families
+from eureka_jax.batch import Buckets
+from eureka_jax.data import load_records
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import Qwen25VLConfig
-from eureka_jax.processing import QwenVLProcessor
-from eureka_jax.rollout import Example
+from eureka_jax.processing.examples import make_preprocess
 from eureka_jax.sampler import Sampler, SamplingConfig, decode_texts
-
-
-class make_preprocess:  # noqa: N801 (a picklable function for grain worker processes)
-    """Record (with decoded images) -> Example; over-budget prompts are bad records."""
-
-    def __init__(self, processor: QwenVLProcessor, model_config: Qwen25VLConfig,
-                 system_prompt: str | None, max_prompt_length: int):
-        self.processor = processor
-        self.model_config = model_config
-        self.system_prompt = system_prompt
-        self.max_prompt_length = max_prompt_length
-
-    def __call__(self, record: Record) -> Example:
-        name = f"{record.location} (id {record.id})"
-        try:
-            encoded = self.processor.encode(
-                question=record.question, images=record.images,
-                system=record.system_prompt or self.system_prompt,
-                max_length=self.max_prompt_length, name=name)
-            row = prompt_row(encoded, self.model_config, name=name)
-        except BadRecordError:
-            raise
-        except InputError as error:
-            fix = "raise data.length_buckets / data.patch_buckets or lower data.max_pixels"
-            raise BadRecordError.for_record(record, "over_budget", str(error), fix) from error
-        return Example(row=row, record_id=record.id, answer=record.answer,
-                       index=record.source_line, extra=dict(record.extra))
 
 
 @dataclasses.dataclass
@@ -56,7 +27,7 @@ class EvalResult:
 class Evaluator:
     """Greedy (or k-sample) accuracy on a held-out file, scored by the training reward code."""
 
-    def __init__(self, *, graphdef, processor: QwenVLProcessor, model_config: Qwen25VLConfig,
+    def __init__(self, *, graphdef, processor, model_config,
                  data: str, max_examples: int | None, batch_size: int, buckets: Buckets,
                  system_prompt: str | None, max_new_tokens: int,
                  stop_token_ids: Sequence[int], reward_pool, put_on_device,
@@ -88,7 +59,7 @@ class Evaluator:
             chunk = self.examples[start:start + self.batch_size]
             # A short last batch is padded with copies so the compiled shape stays the same.
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-            batch = self.put_on_device(collate_prompts(
+            batch = self.put_on_device(families.collate_prompts(
                 [e.row for e in padded], self.buckets,
                 pad_token_id=self.processor.pad_token_id,
                 prompt_keys=[e.index for e in padded]))

@@ -367,25 +367,6 @@ def policy_loss(
 # ----------------------------------------------------------------------------- from logits
 
 
-def token_logprobs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """float32 log p(target) = logit[target] - logsumexp(logits), from logits of any dtype.
-
-    Gathers before normalising, so no [B, T, V] log-softmax is built; under jit XLA fuses the
-    float32 cast into the logsumexp reduction, so no float32 copy of the logits is kept either.
-    """
-    target_logits_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    log_normaliser_BxT = jax.nn.logsumexp(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return target_logits_BxT.astype(jnp.float32) - log_normaliser_BxT
-
-
-def token_entropy(logits_BxTxV: jax.Array) -> jax.Array:
-    """float32 entropy per token, H = logsumexp(z) - sum softmax(z) z, from finite logits."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    log_normaliser_BxTx1 = jax.nn.logsumexp(logits_BxTxV, axis=-1, keepdims=True)
-    probs_BxTxV = jnp.exp(logits_BxTxV - log_normaliser_BxTx1)
-    return log_normaliser_BxTx1[..., 0] - (probs_BxTxV * logits_BxTxV).sum(axis=-1)
-
-
 def _zero_padding(logp_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     # Padding may hold anything (-inf, garbage); exp() of it would put inf/nan into sums and
     # gradients even when masked, so padded log-probs become 0 before any arithmetic.

@@ -41,13 +41,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eureka_jax import batching, hf_io, sharding
+from eureka_jax import families, sharding
+from eureka_jax.batch import PromptBatch, TrainBatch
 from eureka_jax.errors import InputError
 from eureka_jax.models import presets
-from eureka_jax.models.qwen2_5_vl import DTYPES, Qwen25VL, Qwen25VLConfig, VisionInputs
+from eureka_jax.models.qwen2_5_vl import DTYPES
+from eureka_jax.policy import make_forward_logprobs
 from eureka_jax.rl_config import RLConfig
-from eureka_jax.rollout import make_forward_logprobs
-from eureka_jax.sampler import PromptBatch, Sampler, SamplingConfig
+from eureka_jax.sampler import Sampler, SamplingConfig
 
 GiB = 1 << 30
 # What one training step runs, in the order they are compiled.
@@ -215,34 +216,29 @@ def _cpu_chip(num_devices: int) -> Chip:
 # ---------------------------------------------------------------------------------------------
 
 
-def _text_layer_matmul_params(config: Qwen25VLConfig) -> int:
+def vision_flops(config, rows: int, patches: int) -> float:
+    """Forward FLOPs of the family's vision encoder over `rows` prompts of `patches` patches
+    (Qwen2.5-VL) or tiles (InternVL)."""
+    if not patches:
+        return 0.0
+    return families.for_config(config).vision_flops(config, rows, patches)
+
+
+def _text_layer_matmul_params(config) -> int:
     t = config.text
     d, h = t.hidden_size, t.head_dim
     return (2 * d * t.num_attention_heads * h + 2 * d * t.num_key_value_heads * h
             + 3 * d * t.intermediate_size)
 
 
-def vision_flops(config: Qwen25VLConfig, rows: int, patches: int) -> float:
-    """Forward FLOPs of the vision tower over `rows` padded streams of `patches` patches (the
-    window attention is computed as a masked P x P product)."""
-    if not patches:
-        return 0.0
-    v = config.vision
-    d = v.hidden_size
-    block = 2 * patches * (4 * d * d + 3 * d * v.intermediate_size) + 4 * patches**2 * d
-    merged, width = patches // v.merge_unit, d * v.merge_unit
-    merger = 2 * merged * (width * width + width * v.out_hidden_size)
-    return rows * (v.depth * block + 2 * patches * v.patch_features * d + merger)
-
-
-def decoder_flops(config: Qwen25VLConfig, rows: int, queries: int, keys: int) -> float:
+def decoder_flops(config, rows: int, queries: int, keys: int) -> float:
     t = config.text
     per_layer = (2 * queries * _text_layer_matmul_params(config)
                  + 4 * queries * keys * t.num_attention_heads * t.head_dim)
     return rows * t.num_hidden_layers * per_layer
 
 
-def logits_flops(config: Qwen25VLConfig, rows: int, positions: int) -> float:
+def logits_flops(config, rows: int, positions: int) -> float:
     return 2 * rows * positions * config.text.hidden_size * config.text.vocab_size
 
 
@@ -255,17 +251,12 @@ def _abstract(shape, dtype, sharding_):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding_)
 
 
-def abstract_prompts(rows: int, length: int, patches: int, config: Qwen25VLConfig,
-                     sharding_) -> PromptBatch:
-    """A PromptBatch of ShapeDtypeStructs as `batching.collate_prompts` would fill it."""
+def abstract_prompts(rows: int, length: int, patches: int, config, sharding_) -> PromptBatch:
+    """A PromptBatch of ShapeDtypeStructs as the family's `collate_prompts` would fill it
+    (`patches`: the vision bucket, patches or tiles per prompt)."""
     vision = None
     if patches:
-        vision = VisionInputs(
-            patches_BxPxC=_abstract((rows, patches, config.vision.patch_features), np.float32,
-                                    sharding_),
-            pos_hw_BxPx2=_abstract((rows, patches, 2), np.int32, sharding_),
-            window_segment_BxP=_abstract((rows, patches), np.int32, sharding_),
-            image_segment_BxP=_abstract((rows, patches), np.int32, sharding_))
+        vision = families.for_config(config).abstract_vision(rows, patches, config, sharding_)
     return PromptBatch(
         input_ids_BxT=_abstract((rows, length), np.int32, sharding_),
         attention_mask_BxT=_abstract((rows, length), np.bool_, sharding_),
@@ -277,11 +268,11 @@ def abstract_prompts(rows: int, length: int, patches: int, config: Qwen25VLConfi
 
 
 def abstract_train_batch(prompts: int, group: int, length: int, patches: int,
-                         response_length: int, config: Qwen25VLConfig,
-                         sharding_) -> batching.TrainBatch:
+                         response_length: int, config,
+                         sharding_) -> TrainBatch:
     """A TrainBatch of ShapeDtypeStructs as `rollout.collate_groups` would fill it."""
     b = prompts * group
-    return batching.TrainBatch(
+    return TrainBatch(
         prompts=abstract_prompts(prompts, length, patches, config, sharding_),
         prompt_index_B=_abstract((b,), np.int32, sharding_),
         response_tokens_BxL=_abstract((b, response_length), np.int32, sharding_),
@@ -408,7 +399,7 @@ class Plan:
         }
 
 
-def model_config_for(config: ml_collections.ConfigDict) -> Qwen25VLConfig:
+def model_config_for(config: ml_collections.ConfigDict):
     """The model config of `config.model.path`: a local HF directory's config.json, else a named
     preset (presets.HF_CONFIGS); a plan never downloads anything."""
     runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
@@ -418,11 +409,11 @@ def model_config_for(config: ml_collections.ConfigDict) -> Qwen25VLConfig:
         raise InputError("config.model.path is empty: set --config.model.path to a Hugging Face "
                          f"directory or one of {', '.join(presets.HF_CONFIGS)}")
     if Path(path).is_dir():
-        return hf_io.read_config(Path(path), **runtime)
+        return families.for_model_dir(path).read_config(Path(path), **runtime)
     return presets.preset_config(path, **runtime)
 
 
-def _kv_cache_bytes(model_config: Qwen25VLConfig, prompts: int, group: int, prompt_length: int,
+def _kv_cache_bytes(model_config, prompts: int, group: int, prompt_length: int,
                     buffer_length: int, context: sharding.ShardingContext) -> int:
     """Per-device bytes of the sampler's KV cache (prompt K/V once per prompt, generated K/V per
     sample), sharded as the cache's logical axes say."""
@@ -502,7 +493,8 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
     micro_prompts = loop.micro_batch_size // group
 
     with sharding.activate(mesh) as context:
-        abstract_model = nnx.eval_shape(lambda: Qwen25VL(model_config, nnx.Rngs(0)))
+        model_class = families.for_config(model_config).model_class
+        abstract_model = nnx.eval_shape(lambda: model_class(model_config, nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract_model)
         shardings = sharding.state_shardings(abstract_state, context)
         params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract_state,
@@ -653,7 +645,7 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
     return plan
 
 
-def _stop_ids(model_config: Qwen25VLConfig) -> tuple[int, ...]:
+def _stop_ids(model_config) -> tuple[int, ...]:
     eos = model_config.eos_token_id
     if eos is None:
         return (0,)
@@ -670,9 +662,12 @@ def _optimizer_breakdown(opt_state) -> dict[str, int]:
     return out
 
 
-def _model_summary(model_config: Qwen25VLConfig, abstract_state) -> dict[str, Any]:
+def _model_summary(model_config, abstract_state) -> dict[str, Any]:
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state))
-    vision = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["visual"]))
+    from eureka_jax.train import VISION_TOWERS
+
+    vision = sum(math.prod(x.shape) for name in VISION_TOWERS if name in abstract_state
+                 for x in jax.tree.leaves(abstract_state[name]))
     return {"parameters": count, "vision_parameters": vision,
             "param_dtype": model_config.param_dtype, "compute_dtype": model_config.compute_dtype,
             "remat": model_config.remat, "freeze_vision": model_config.freeze_vision}

@@ -15,39 +15,24 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eureka_jax import distributed, grpo
-from eureka_jax.batching import (
-    Buckets,
-    PromptRow,
-    TrainBatch,
-    collate_prompts,
-    response_logprobs,
-)
+from eureka_jax import distributed, families, grpo
+from eureka_jax.batch import Buckets, PromptBatch, TrainBatch, cut_by_prompt
 from eureka_jax.errors import InputError
+from eureka_jax.families import collate_prompts
+from eureka_jax.policy import make_forward_logprobs
+from eureka_jax.processing.examples import Example
 from eureka_jax.rl_config import RLConfig
-from eureka_jax.sampler import FINISH_LENGTH, PromptBatch, SampleOutput, decode_texts
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """What the data pipeline yields per record: the prompt row and what the rewards need."""
-
-    row: PromptRow
-    record_id: str
-    answer: str
-    index: int  # position in the dataset: the prompt's sampling key
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+from eureka_jax.sampler import FINISH_LENGTH, SampleOutput, decode_texts
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoredGroup:
     """One prompt's G responses with their scores (host NumPy)."""
 
-    row: PromptRow
+    row: Any  # the family's prompt row
     record_id: str
     tokens_GxL: np.ndarray
     logprobs_GxL: np.ndarray  # old log-probs for the update
@@ -55,22 +40,30 @@ class ScoredGroup:
     rewards_G: np.ndarray  # the reward functions' scores (before any KL penalty)
     advantages_G: np.ndarray
 
-    _ROW_FIELDS = ("input_ids_T", "positions_3xT", "token_source_T", "patches_PxC", "pos_hw_Px2",
-                   "window_segment_P", "image_segment_P")
     _GROUP_FIELDS = ("tokens_GxL", "logprobs_GxL", "lengths_G", "rewards_G", "advantages_G")
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        arrays = {f"{prefix}/row/{f}": getattr(self.row, f) for f in self._ROW_FIELDS}
+        """Flat arrays for a checkpoint: every field of the row (with its family's name) and of
+        the group."""
+        arrays = {f"{prefix}/row/{f.name}": np.asarray(getattr(self.row, f.name))
+                  for f in dataclasses.fields(self.row)}
+        arrays[f"{prefix}/family"] = np.asarray(families.for_row(self.row).name)
         arrays.update({f"{prefix}/{f}": getattr(self, f) for f in self._GROUP_FIELDS})
-        arrays[f"{prefix}/next_position"] = np.asarray(self.row.next_position)
         arrays[f"{prefix}/record_id"] = np.asarray(self.record_id)
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> ScoredGroup:
-        row = PromptRow(next_position=int(arrays[f"{prefix}/next_position"]),
-                        **{f: arrays[f"{prefix}/row/{f}"] for f in cls._ROW_FIELDS})
-        return cls(row=row, record_id=str(arrays[f"{prefix}/record_id"]),
+        if f"{prefix}/family" in arrays:
+            family = families.get(str(arrays[f"{prefix}/family"]))
+        else:  # checkpoints written before model families: Qwen2.5-VL rows
+            family = families.get("qwen2_5_vl")
+            arrays = {**arrays, f"{prefix}/row/next_position": arrays[f"{prefix}/next_position"]}
+        row_fields = {}
+        for field in dataclasses.fields(family.row_class):
+            value = np.asarray(arrays[f"{prefix}/row/{field.name}"])
+            row_fields[field.name] = value.item() if value.ndim == 0 else value
+        return cls(row=family.row_class(**row_fields), record_id=str(arrays[f"{prefix}/record_id"]),
                    **{f: arrays[f"{prefix}/{f}"] for f in cls._GROUP_FIELDS})
 
 
@@ -208,54 +201,6 @@ def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray,
         return rewards_N, accuracy_N
     order_N = np.random.default_rng([seed, 0xC0]).permutation(len(rewards_N))
     return rewards_N[order_N], accuracy_N[order_N]
-
-
-def cut_by_prompt(batch: TrainBatch, pieces: int, xp=jnp) -> TrainBatch:
-    """A TrainBatch whose rows are grouped by prompt (as `rollout_train_batch` and
-    `collate_groups` lay them out) -> `pieces` equal pieces, every leaf with a leading piece
-    axis; each piece holds its prompts and their responses, with prompt indices local to the
-    piece. `xp`: jnp inside a jitted function, np for host arrays."""
-    prompts_count = batch.prompts.input_ids_BxT.shape[0]
-    if prompts_count % pieces:
-        raise ValueError(f"{prompts_count} prompts do not split into {pieces} equal pieces")
-
-    def cut(x):  # [pieces * n, ...] -> [pieces, n, ...]
-        return x.reshape(pieces, x.shape[0] // pieces, *x.shape[1:])
-
-    prompts = jax.tree.map(cut, batch.prompts.replace(
-        positions_3xBxT=xp.moveaxis(batch.prompts.positions_3xBxT, 0, 1)))
-    prompts = prompts.replace(positions_3xBxT=xp.moveaxis(prompts.positions_3xBxT, 2, 1))
-    return TrainBatch(
-        prompts=prompts,
-        prompt_index_B=cut(batch.prompt_index_B) % (prompts_count // pieces),
-        response_tokens_BxL=cut(batch.response_tokens_BxL),
-        response_mask_BxL=cut(batch.response_mask_BxL),
-        old_logp_BxL=cut(batch.old_logp_BxL),
-        advantages_B=cut(batch.advantages_B),
-    )
-
-
-def make_forward_logprobs(graphdef, sequences_per_pass: int = 0):
-    """jit(params, TrainBatch) -> teacher-forced log-probs [B, L] of the response tokens. Weights
-    are an argument, so the policy (old log-probs, mismatch) and the reference share one
-    program. With `sequences_per_pass` (a multiple of the group size) the responses go through
-    the model that many at a time, whole groups with their prompts (a lax.map over
-    `cut_by_prompt` pieces), so the forward's memory is one pass's, not the rollout chunk's."""
-    from flax import nnx
-
-    def forward_logprobs(params, batch):
-        model = nnx.merge(graphdef, params)
-        sequences = batch.response_tokens_BxL.shape[0]
-        if not sequences_per_pass or sequences <= sequences_per_pass:
-            return response_logprobs(model, batch)[0]
-        if sequences % sequences_per_pass:
-            raise ValueError(f"{sequences} sequences do not split into passes of "
-                             f"{sequences_per_pass}")
-        pieces = cut_by_prompt(batch, sequences // sequences_per_pass)
-        logp_PxSxL = jax.lax.map(lambda piece: response_logprobs(model, piece)[0], pieces)
-        return logp_PxSxL.reshape(sequences, -1)
-
-    return jax.jit(forward_logprobs)
 
 
 class RolloutWorker:

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from eureka_jax.batch import PromptBatch
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import KVCache, Qwen25VL, VisionInputs
+from eureka_jax.models.qwen2_5_vl import KVCache
 
 FINISH_STOP, FINISH_LENGTH = 1, 2
 FINISH_REASONS = {0: "running", FINISH_STOP: "stop", FINISH_LENGTH: "length"}
@@ -71,19 +72,6 @@ class SamplingConfig:
         token fed at step i goes to slot i - 1): max_new_tokens split into near-equal parts."""
         phases = min(self.cache_phases, self.max_new_tokens)
         return tuple(sorted({-(-self.max_new_tokens * (i + 1) // phases) for i in range(phases)}))
-
-
-@struct.dataclass
-class PromptBatch:
-    """Device-ready prompts, left-padded to a length bucket (see processing.prompt_batch)."""
-
-    input_ids_BxT: jax.Array  # int32
-    attention_mask_BxT: jax.Array  # bool, False on left padding
-    positions_3xBxT: jax.Array  # int32 M-RoPE positions
-    next_position_B: jax.Array  # int32: position of the first generated token (max + 1)
-    prompt_key_B: jax.Array  # uint32: per-prompt seed component (reproducibility)
-    token_source_BxT: jax.Array  # int32: merged vision token filling each image slot, else -1
-    vision: VisionInputs | None = None
 
 
 @struct.dataclass
@@ -218,7 +206,7 @@ def _sample_keys(seed, prompt_key_N, sample_index_N, step):
     return jax.vmap(key_of)(prompt_key_N, sample_index_N)
 
 
-def generate(model: Qwen25VL, batch: PromptBatch, seed, config: SamplingConfig) -> SampleOutput:
+def generate(model, batch: PromptBatch, seed, config: SamplingConfig) -> SampleOutput:
     """Pure function of (model, batch, seed): trace it under jit (see `Sampler`)."""
     group = config.num_samples
     p = batch.input_ids_BxT.shape[0]
@@ -308,7 +296,7 @@ class Sampler:
         self._run = jax.jit(run)
 
     @classmethod
-    def for_model(cls, model: Qwen25VL, config: SamplingConfig) -> Sampler:
+    def for_model(cls, model, config: SamplingConfig) -> Sampler:
         return cls(nnx.graphdef(model), config)
 
     def __call__(self, state: nnx.State, batch: PromptBatch, seed: int) -> SampleOutput:

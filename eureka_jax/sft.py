@@ -22,18 +22,18 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from eureka_jax import batching, hf_io, sharding
+from eureka_jax import families, hf_io, policy, sharding
+from eureka_jax.batch import Buckets, TrainBatch, collate_responses
 from eureka_jax.data import load_records
 from eureka_jax.errors import InputError
-from eureka_jax.evaluation import make_preprocess
 from eureka_jax.metrics import MetricsWriter
-from eureka_jax.processing import QwenVLProcessor
-from eureka_jax.rollout import ScoredGroup, collate_groups
+from eureka_jax.processing.examples import make_preprocess
 from eureka_jax.workdirs import as_path
 
 
-def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
-    groups = []
+def _demonstrations(records, examples, tokenizer, stop_id: int, length: int):
+    """(prompt row, response token ids ending in the stop token) per record."""
+    pairs = []
     for record, example in zip(records, examples, strict=True):
         response = record.extra.get("response")
         if not isinstance(response, str) or not response:
@@ -43,13 +43,14 @@ def _response_groups(records, examples, tokenizer, stop_id: int, length: int):
         if len(ids) > length:
             raise InputError(f"{record.location} (id {record.id}): response has {len(ids)} "
                              f"tokens, more than sft.max_response_tokens={length}")
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, :len(ids)] = ids
-        groups.append(ScoredGroup(
-            row=example.row, record_id=record.id, tokens_GxL=tokens,
-            logprobs_GxL=np.zeros((1, length), np.float32), lengths_G=np.asarray([len(ids)]),
-            rewards_G=np.zeros(1, np.float32), advantages_G=np.zeros(1, np.float32)))
-    return groups
+        pairs.append((example.row, np.asarray(ids, np.int32)))
+    return pairs
+
+
+def _collate(demonstrations, buckets: Buckets, pad_token_id: int, length: int) -> TrainBatch:
+    prompts = families.collate_prompts([row for row, _ in demonstrations], buckets,
+                                       pad_token_id=pad_token_id)
+    return collate_responses(prompts, [ids for _, ids in demonstrations], 1, length=length)
 
 
 def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: str, steps: int,
@@ -63,22 +64,23 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
     workdir = as_path(workdir)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     with sharding.activate(mesh):
-        model = hf_io.load_model(config.model.path, mesh=mesh,
-                                 param_dtype=config.model.param_dtype,
-                                 compute_dtype=config.model.compute_dtype,
-                                 remat=config.model.remat,
-                                 logits_chunk=config.model.logits_chunk,
-                                 attention_impl=config.model.attention_impl)
-        processor = QwenVLProcessor.from_pretrained(
-            config.model.path, min_pixels=config.data.min_pixels,
-            max_pixels=config.data.max_pixels)
-        buckets = batching.Buckets(lengths=tuple(config.data.length_buckets),
+        model_dir = hf_io.resolve_model_dir(config.model.path)
+        family = families.for_model_dir(model_dir)
+        model = family.load_model(model_dir, mesh=mesh,
+                                  param_dtype=config.model.param_dtype,
+                                  compute_dtype=config.model.compute_dtype,
+                                  remat=config.model.remat,
+                                  logits_chunk=config.model.logits_chunk,
+                                  attention_impl=config.model.attention_impl)
+        processor = family.load_processor(
+            model_dir, families.ImageOptions.from_data_config(config.data))
+        buckets = Buckets(lengths=tuple(config.data.length_buckets),
                                    patches=tuple(config.data.patch_buckets))
         records, _ = load_records(data, decode_images=True)
         preprocess = make_preprocess(processor, model.config, config.data.system_prompt,
                                      max(buckets.lengths))
         stop_id = processor.tokenizer.convert_tokens_to_ids(config.sampling.stop_tokens[0])
-        groups = _response_groups(records, [preprocess(r) for r in records],
+        groups = _demonstrations(records, [preprocess(r) for r in records],
                                   processor.tokenizer, stop_id, max_response_tokens)
         if len(groups) < batch_size:
             raise InputError(f"{data}: {len(groups)} records, fewer than one batch of "
@@ -90,8 +92,8 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99))
         opt_state = tx.init(params)
 
-        def loss_fn(params, batch: batching.TrainBatch):
-            logp_BxL, _ = batching.response_logprobs(nnx.merge(graphdef, params), batch)
+        def loss_fn(params, batch: TrainBatch):
+            logp_BxL, _ = policy.response_logprobs(nnx.merge(graphdef, params), batch)
             mask = batch.response_mask_BxL
             return -jnp.sum(jnp.where(mask, logp_BxL, 0.0)) / jnp.maximum(mask.sum(), 1)
 
@@ -115,7 +117,8 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
                 position += batch_size
                 started = time.perf_counter()
                 batch = jax.device_put(
-                    collate_groups(chosen, buckets, processor.pad_token_id), replicated)
+                    _collate(chosen, buckets, processor.pad_token_id, max_response_tokens),
+                    replicated)
                 params, opt_state, loss = update(params, opt_state, batch)
                 loss = float(loss)
                 if not np.isfinite(loss):
@@ -128,6 +131,6 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
                         np.mean(recent) < stop_below_loss):
                     break
         writer.close()
-        output = hf_io.export_model(nnx.merge(graphdef, params), workdir / "model",
-                                    source_dir=hf_io.resolve_model_dir(config.model.path))
+        output = family.export_model(nnx.merge(graphdef, params), workdir / "model",
+                                     source_dir=model_dir)
     return output

@@ -191,6 +191,73 @@ def make_tokenizer_dir(
     return tiny_token_ids(vocab_size)
 
 
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
+                   "<box>", "</box>", "<video>")
+# The HF-format InternVL chat template (as the -hf hub repos ship it): one <IMG_CONTEXT> per image.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_internvl_tokenizer_dir(path: str | os.PathLike, *, tile: int, tokens_per_tile: int,
+                                max_patches: int = 6, vocab_size: int = 600) -> dict[str, int]:
+    """Write an InternVL -hf style tokenizer (the tiny Qwen BPE plus InternVL's added tokens),
+    chat template, preprocessor_config.json (GotOcr2, `tile` px tiles, 1..max_patches) and
+    processor_config.json into `path`. Returns token ids by name and "vocab_size" (the
+    tokenizer's size, added tokens included)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(path)
+    make_tokenizer_dir(path, vocab_size=vocab_size)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in INTERNVL_TOKENS])
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                 "context_image_token": "<IMG_CONTEXT>",
+                                 "video_token": "<video>"},
+    }, indent=2))
+    (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": False,  # as on the hub; InternVLProcessor passes True anyway
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "max_patches": max_patches,
+        "min_patches": 1,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": tile, "width": tile},
+    }, indent=2))
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile}))
+    ids = {t: tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>",
+                                                  *INTERNVL_TOKENS)}
+    ids["vocab_size"] = tokenizer.get_vocab_size()
+    return ids
+
+
 def tiny_hf_config(**overrides: Any):
     """A tiny transformers `Qwen2_5_VLConfig` matching `make_tokenizer_dir`'s tokenizer.
 

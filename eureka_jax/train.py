@@ -29,15 +29,15 @@ import optax
 from etils import epath
 from flax import nnx
 
-from eureka_jax import batching, distributed, grpo, hf_io, sharding
+from eureka_jax import distributed, families, grpo, hf_io, policy, sharding
+from eureka_jax.batch import Buckets, TrainBatch
 from eureka_jax.checkpointing import Checkpointer, abstract_like, pack_arrays, unpack_arrays
 from eureka_jax.configs_common import validate_config
 from eureka_jax.data import PipelineConfig, make_pipeline, open_source
 from eureka_jax.errors import InputError
-from eureka_jax.evaluation import Evaluator, make_preprocess
+from eureka_jax.evaluation import Evaluator
 from eureka_jax.metrics import MetricsWriter, NullWriter, plot_curves
-from eureka_jax.models.qwen2_5_vl import Qwen25VL
-from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.processing.examples import make_preprocess
 from eureka_jax.rewards import RewardConfig, RewardPool
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import (
@@ -118,10 +118,15 @@ def with_float32_master_weights(inner: optax.GradientTransformation):
     return optax.GradientTransformation(init, update)
 
 
+# The vision tower's attribute in each family's model (Qwen2.5-VL, InternVL): what freezing the
+# vision tower freezes. InternVL's projector trains, as in InternVL's own fine-tuning.
+VISION_TOWERS = ("visual", "vision_tower")
+
+
 def trainable_filter(freeze_vision: bool):
     """The nnx filter of the parameters the optimizer updates."""
     if freeze_vision:
-        return lambda path, _: not path or path[0] != "visual"
+        return lambda path, _: not path or path[0] not in VISION_TOWERS
     return nnx.Param
 
 
@@ -150,13 +155,13 @@ def update_function(graphdef, tx, rl: RLConfig, freeze_vision: bool):
     when the KL is in the loss (rl.kl_coef > 0, placement 'loss'), else None."""
     kl_in_loss = rl.kl_coef > 0 and rl.kl_placement == "loss"
 
-    def loss_fn(trainable, frozen, ref_params, batch: batching.TrainBatch, scale):
+    def loss_fn(trainable, frozen, ref_params, batch: TrainBatch, scale):
         model = nnx.merge(graphdef, trainable, frozen)
-        logp, entropy = batching.response_logprobs(model, batch, with_entropy=True)
+        logp, entropy = policy.response_logprobs(model, batch, with_entropy=True)
         ref_logp = None
         if kl_in_loss:
             ref_logp = jax.lax.stop_gradient(
-                batching.response_logprobs(nnx.merge(graphdef, ref_params), batch)[0])
+                policy.response_logprobs(nnx.merge(graphdef, ref_params), batch)[0])
         loss, metrics = grpo.policy_loss(
             logp, batch.old_logp_BxL, batch.advantages_B, batch.response_mask_BxL, rl,
             ref_logp_BxT=ref_logp, entropy_BxT=entropy)
@@ -277,18 +282,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     # -- Mesh and model ------------------------------------------------------------------------
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     with sharding.activate(mesh):
-        model = hf_io.load_model(
-            config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
+        model_dir = hf_io.resolve_model_dir(config.model.path)
+        family = families.for_model_dir(model_dir)
+        model = family.load_model(
+            model_dir, mesh=mesh, param_dtype=config.model.param_dtype,
             compute_dtype=config.model.compute_dtype, remat=config.model.remat,
             logits_chunk=config.model.logits_chunk, attention_impl=config.model.attention_impl,
             freeze_vision=config.optim.freeze_vision)
         graphdef, params = nnx.split(model)
         model_config = model.config
         del model
-        processor = QwenVLProcessor.from_pretrained(
-            config.model.path, min_pixels=config.data.min_pixels,
-            max_pixels=config.data.max_pixels)
-        buckets = batching.Buckets(lengths=tuple(config.data.length_buckets),
+        processor = family.load_processor(
+            model_dir, families.ImageOptions.from_data_config(config.data))
+        buckets = Buckets(lengths=tuple(config.data.length_buckets),
                                    patches=tuple(config.data.patch_buckets))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -528,8 +534,10 @@ def load_trained_model(checkpoint: str | os.PathLike, **runtime):
     workdir, step = checkpoint_paths(checkpoint)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     source = hf_io.resolve_model_dir(config.model.path)
-    model_config = hf_io.read_config(source, freeze_vision=config.optim.freeze_vision, **runtime)
-    abstract = nnx.eval_shape(lambda: Qwen25VL(model_config, nnx.Rngs(0)))
+    family = families.for_model_dir(source)
+    model_config = family.read_config(source, freeze_vision=config.optim.freeze_vision,
+                                      **runtime)
+    abstract = nnx.eval_shape(lambda: family.model_class(model_config, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
     tx, _ = make_optimizer(config.optim, 1)
     abstract_opt = jax.eval_shape(

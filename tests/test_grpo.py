@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from eureka_jax import grpo
+from eureka_jax import grpo, policy
 from eureka_jax.errors import InputError
 from eureka_jax.rl_config import LOSS_KINDS, RLConfig
 from eureka_jax.rollout import ScoredGroup, rollout_advantages, whiten_training_batch
@@ -498,8 +498,8 @@ def test_token_logprobs_and_entropy_from_bfloat16_logits(maybe_jit):
     logits64 = np.asarray(logits.astype(jnp.float32), np.float64)
     log_softmax = logits64 - np.log(np.exp(logits64).sum(-1, keepdims=True))
 
-    logp = maybe_jit(grpo.token_logprobs)(logits, jnp.asarray(targets))
-    entropy = maybe_jit(grpo.token_entropy)(logits)
+    logp = maybe_jit(policy.token_logprobs)(logits, jnp.asarray(targets))
+    entropy = maybe_jit(policy.token_entropy)(logits)
 
     assert logp.dtype == jnp.float32 and entropy.dtype == jnp.float32
     np.testing.assert_allclose(

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from eureka_jax import hf_io, testing, verify
-from eureka_jax.batching import prompt_row
 from eureka_jax.errors import InputError
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor
+from eureka_jax.processing.qwen_rows import prompt_row
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def arrays(model_dir):
     processor = QwenVLProcessor.from_pretrained(model_dir)
     prompts = [processor.encode(question="What is 3 + 4?"),
                processor.encode(question="What is shown?", images=[testing.draw_image(60, 45, 1)])]
-    return verify.hf_arrays(prompts, processor.pad_token_id)
+    return qwen.hf_arrays(prompts, processor.pad_token_id)
 
 
 def params_of(model) -> dict[str, np.ndarray]:
@@ -50,7 +51,7 @@ def assert_same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
 
 def hf_state(directory):
     """transformers' own view of a directory: its float32 model's state dict as NumPy."""
-    return {k: v.numpy() for k, v in verify.load_reference(directory).state_dict().items()}
+    return {k: v.numpy() for k, v in qwen.load_reference(directory).state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,12 +68,12 @@ def test_export_reloads_in_transformers_with_same_logits(model_dir, tied_dir, ar
     assert ("lm_head.weight" in keys) != tied
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         assert (exported / name).read_bytes() == (source / name).read_bytes()
-    original, reloaded = verify.load_reference(source), verify.load_reference(exported)
+    original, reloaded = qwen.load_reference(source), qwen.load_reference(exported)
     assert reloaded.config.tie_word_embeddings == tied
     image_token_id = reloaded.config.image_token_id
     # Same weights in float32, so transformers computes the very same numbers.
-    np.testing.assert_array_equal(verify.reference_logits(reloaded, arrays, image_token_id),
-                                  verify.reference_logits(original, arrays, image_token_id))
+    np.testing.assert_array_equal(qwen.reference_logits(reloaded, arrays, image_token_id),
+                                  qwen.reference_logits(original, arrays, image_token_id))
 
 
 def test_load_export_load_is_bit_exact_float32(model_dir, tied_dir, tmp_path):
@@ -155,8 +156,8 @@ def test_hub_style_flat_config_loads(model_dir, arrays, tmp_path):
     # transformers reads the flat file as the same model: the flat config is a faithful one.
     image_token_id = flat["image_token_id"]
     np.testing.assert_array_equal(
-        verify.reference_logits(verify.load_reference(hub_dir), arrays, image_token_id),
-        verify.reference_logits(verify.load_reference(model_dir), arrays, image_token_id))
+        qwen.reference_logits(qwen.load_reference(hub_dir), arrays, image_token_id),
+        qwen.reference_logits(qwen.load_reference(model_dir), arrays, image_token_id))
     (hub_dir / "config.json").write_text(json.dumps({**flat, "rope_theta": 12345.0}))
     assert hf_io.read_config(hub_dir).text.rope_theta == 12345.0
 
@@ -246,10 +247,10 @@ def test_image_tokens_that_do_not_match_the_images(model_dir):
     with pytest.raises(InputError, match=r"record 3: row 0 image 0 has 4 image tokens but its "
                                          r"grid 1x8x10 needs 20"):
         prompt_row(mixed, config, name="record 3")
-    arrays = verify.hf_arrays([mixed], processor.pad_token_id)
+    arrays = qwen.hf_arrays([mixed], processor.pad_token_id)
     with pytest.raises(InputError, match=r"row 0 image 0 has 4 <\|image_pad\|> tokens but its "
                                          r"grid \[1, 8, 10\] gives 20"):
-        verify.port_inputs(arrays, config)
+        qwen.port_inputs(arrays, config)
 
 
 def test_tiny_image_is_upscaled_as_transformers_does(model_dir):
@@ -268,10 +269,10 @@ def test_tiny_image_is_upscaled_as_transformers_does(model_dir):
     np.testing.assert_array_equal(prompt.image_grid_thw, [[1, 4, 6]])
     np.testing.assert_array_equal(prompt.image_grid_thw, expected["image_grid_thw"])
     np.testing.assert_array_equal(prompt.patches[0], expected["pixel_values"])
-    arrays = verify.hf_arrays([prompt], processor.pad_token_id)
+    arrays = qwen.hf_arrays([prompt], processor.pad_token_id)
     model = hf_io.load_model(model_dir)
-    ours = verify.port_logits(model, verify.port_inputs(arrays, model.config))
-    reference = verify.reference_logits(verify.load_reference(model_dir), arrays,
+    ours = verify.port_logits(model, qwen.port_inputs(arrays, model.config))
+    reference = qwen.reference_logits(qwen.load_reference(model_dir), arrays,
                                         model.config.image_token_id)
     stats = verify.compare(ours, reference, arrays["attention_mask"])
     assert stats["rel_diff"] <= 1e-5 and stats["greedy_agree"] == 1.0, stats

@@ -15,79 +15,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eureka_jax.batch import Buckets
 from eureka_jax.errors import InputError
 from eureka_jax.processing.internvl import (
     INTERNVL_TILES,
     InternVLPromptProcessor,
     TileSettings,
-    collate_internvl_prompts,
+    collate_prompts,
+    prompt_row,
+    prompt_rows,
     tile_grid,
     tile_image,
 )
-from eureka_jax.testing import draw_image, make_tokenizer_dir
+from eureka_jax.testing import (
+    draw_image,
+    make_internvl_tokenizer_dir,
+    make_tokenizer_dir,
+)
 
 transformers = pytest.importorskip("transformers")
 
-INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
-                   "<box>", "</box>")
-# The HF-format InternVL chat template (as the -hf hub repos ship it): one <IMG_CONTEXT> per image.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
-)
 TILE, PATCH, TOKENS_PER_TILE = 28, 7, 4
 SYSTEM = "You are a helpful assistant. Put the final answer in \\boxed{}."
 
 
 def make_internvl_dir(path, *, tile=TILE, patch=PATCH, max_patches=6, image_seq_length=None):
     """A tokenizer + processor + config directory laid out like an InternVL -hf hub repo."""
-    from tokenizers import AddedToken, Tokenizer
-
-    make_tokenizer_dir(path)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in (*INTERNVL_TOKENS, "<video>")])
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 8192,
-        "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
-                                 "context_image_token": "<IMG_CONTEXT>",
-                                 "video_token": "<video>"},
-    }))
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "GotOcr2ImageProcessor",
-        "processor_class": "InternVLProcessor",
-        "crop_to_patches": False,  # as on the hub; InternVLProcessor passes True anyway
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(INTERNVL_TILES.image_mean),
-        "image_std": list(INTERNVL_TILES.image_std),
-        "max_patches": max_patches,
-        "min_patches": 1,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"height": tile, "width": tile},
-    }))
     tokens = (tile // patch) ** 2 // 4
-    (path / "processor_config.json").write_text(json.dumps({
-        "processor_class": "InternVLProcessor",
-        "image_seq_length": tokens if image_seq_length is None else image_seq_length,
-    }))
+    make_internvl_tokenizer_dir(path, tile=tile, max_patches=max_patches,
+                                tokens_per_tile=tokens if image_seq_length is None
+                                else image_seq_length)
     (path / "config.json").write_text(json.dumps({
         "model_type": "internvl",
         "downsample_ratio": 0.5,
@@ -285,7 +242,8 @@ def test_tile_budget_per_prompt(model_dir):
     wide = draw_image(200, 50, seed=1)  # 4x1 grid + thumbnail = 5 tiles
     assert processor.encode(question="q", images=[wide]).num_tiles == 5
     with pytest.raises(InputError, match=r"rec-7: its images need 10 tiles \(image 0 \(200x50\): "
-                       r"5, image 1 \(200x50\): 5\).*data.max_tiles_per_prompt is 8"):
+                       r"5, image 1 \(200x50\): 5\).*largest tile bucket \(data.patch_buckets\) "
+                       r"is 8"):
         processor.encode(question="q", images=[wide, wide], name="rec-7")
     fewer = InternVLPromptProcessor.from_pretrained(model_dir, max_tiles_per_prompt=8,
                                                     max_tiles_per_image=2)
@@ -337,52 +295,72 @@ def test_tokens_per_tile_at_internvl_size(tmp_path):
     assert InternVLPromptProcessor.from_pretrained(path).tokens_per_tile == 256
 
 
+def _config(model_dir):
+    """The model config for the directory's tile geometry (its config.json has no text model)."""
+    from eureka_jax.models.internvl import InternViTConfig, InternVLConfig
+
+    vision = InternViTConfig(image_size=TILE, patch_size=PATCH, hidden_size=32,
+                             intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    return InternVLConfig(vision=vision, image_seq_length=TOKENS_PER_TILE)
+
+
 def test_collate(model_dir):
     processor = InternVLPromptProcessor.from_pretrained(model_dir, max_tiles_per_prompt=8)
+    config = _config(model_dir)
     prompts = [
         processor.encode(question="Find x.", images=[draw_image(200, 50, seed=1)]),
         processor.encode(question="What is 2^10?", system=SYSTEM),
         processor.encode(question="Two.", images=[draw_image(30, 30, seed=2),
                                                   draw_image(40, 80, seed=3)]),
     ]
-    arrays = collate_internvl_prompts(prompts, length_buckets=(16, 64, 128), tile_budget=8,
-                                      pad_token_id=processor.pad_token_id)
+    rows = [prompt_row(p, config, name=f"rec-{'abc'[i]}") for i, p in enumerate(prompts)]
+    batch = collate_prompts(rows, Buckets(lengths=(16, 64, 128), patches=(0, 8)),
+                            pad_token_id=processor.pad_token_id, prompt_keys=[4, 5, 6])
     lengths = [len(p.input_ids) for p in prompts]
     t = min(b for b in (16, 64, 128) if b >= max(lengths))
-    assert arrays.input_ids_BxT.shape == (3, t) and arrays.input_ids_BxT.dtype == np.int32
-    assert arrays.attention_mask_BxT.dtype == bool
-    assert arrays.positions_3xBxT.shape == (3, 3, t) and arrays.positions_3xBxT.dtype == np.int32
-    assert arrays.pixels_BxIxCxSxS.shape == (3, 8, 3, TILE, TILE)
-    assert arrays.pixels_BxIxCxSxS.dtype == np.float32
-    np.testing.assert_array_equal(arrays.next_position_B, lengths)
+    assert batch.input_ids_BxT.shape == (3, t) and batch.input_ids_BxT.dtype == np.int32
+    assert batch.attention_mask_BxT.dtype == bool
+    assert batch.positions_3xBxT.shape == (3, 3, t) and batch.positions_3xBxT.dtype == np.int32
+    pixels, valid = batch.vision.pixels_BxIxCxSxS, batch.vision.tile_valid_BxI
+    assert pixels.shape == (3, 8, 3, TILE, TILE) and pixels.dtype == np.float32
+    np.testing.assert_array_equal(batch.next_position_B, lengths)
+    np.testing.assert_array_equal(batch.prompt_key_B, [4, 5, 6])
     for b, prompt in enumerate(prompts):
         n = lengths[b]
-        np.testing.assert_array_equal(arrays.input_ids_BxT[b, t - n:], prompt.input_ids)
-        assert (arrays.input_ids_BxT[b, : t - n] == processor.pad_token_id).all()
-        np.testing.assert_array_equal(arrays.attention_mask_BxT[b], np.arange(t) >= t - n)
+        np.testing.assert_array_equal(batch.input_ids_BxT[b, t - n:], prompt.input_ids)
+        assert (batch.input_ids_BxT[b, : t - n] == processor.pad_token_id).all()
+        np.testing.assert_array_equal(batch.attention_mask_BxT[b], np.arange(t) >= t - n)
         for axis in range(3):
-            np.testing.assert_array_equal(arrays.positions_3xBxT[axis, b, t - n:], np.arange(n))
-            assert (arrays.positions_3xBxT[axis, b, : t - n] == 0).all()
-        np.testing.assert_array_equal(arrays.token_source_BxT[b, t - n:], prompt.token_source)
-        assert (arrays.token_source_BxT[b, : t - n] == -1).all()
+            np.testing.assert_array_equal(batch.positions_3xBxT[axis, b, t - n:], np.arange(n))
+            assert (batch.positions_3xBxT[axis, b, : t - n] == 0).all()
+        np.testing.assert_array_equal(batch.token_source_BxT[b, t - n:], prompt.token_source)
+        assert (batch.token_source_BxT[b, : t - n] == -1).all()
         k = prompt.num_tiles
-        np.testing.assert_array_equal(arrays.tile_valid_BxI[b], np.arange(8) < k)
-        assert np.array_equal(arrays.pixels_BxIxCxSxS[b, :k], prompt.tiles)
-        assert not arrays.pixels_BxIxCxSxS[b, k:].any()
-        assert (arrays.token_source_BxT[b] >= 0).sum() == TOKENS_PER_TILE * k
-    assert not arrays.tile_valid_BxI[1].any()  # the text-only prompt
+        np.testing.assert_array_equal(valid[b], np.arange(8) < k)
+        assert np.array_equal(pixels[b, :k], prompt.tiles)
+        assert not pixels[b, k:].any()
+        assert (batch.token_source_BxT[b] >= 0).sum() == TOKENS_PER_TILE * k
+    assert not valid[1].any()  # the text-only prompt
 
-    with pytest.raises(InputError, match="rec-a: .* tiles but data.max_tiles_per_prompt is 4"):
-        collate_internvl_prompts(prompts, length_buckets=(128,), tile_budget=4,
-                                 pad_token_id=0, names=["rec-a", "rec-b", "rec-c"])
+    # prompt_rows undoes the padding.
+    for ours, theirs in zip(prompt_rows(batch, config), rows, strict=True):
+        for field in dataclasses.fields(theirs):
+            np.testing.assert_array_equal(getattr(ours, field.name), getattr(theirs, field.name))
+
+    with pytest.raises(InputError, match=r"batch row 0: patches \(tiles for InternVL\) per "
+                       r"prompt 5 exceeds the largest bucket 4"):
+        collate_prompts(rows, Buckets(lengths=(128,), patches=(0, 4)), pad_token_id=0)
     with pytest.raises(InputError, match="prompt length .* exceeds the largest bucket 8"):
-        collate_internvl_prompts(prompts, length_buckets=(8,), tile_budget=8, pad_token_id=0)
+        collate_prompts(rows, Buckets(lengths=(8,), patches=(0, 8)), pad_token_id=0)
+    untokenised = dataclasses.replace(prompts[0], token_source=np.full_like(
+        prompts[0].token_source, -1))
+    with pytest.raises(InputError, match="rec-a: 0 image tokens for 5 tiles of 4 tokens each"):
+        prompt_row(untokenised, config, name="rec-a")
 
 
 def test_collate_text_only(model_dir):
     processor = InternVLPromptProcessor.from_pretrained(model_dir)
-    prompts = [processor.encode(question="What is 2^10?")]
-    arrays = collate_internvl_prompts(prompts, length_buckets=(64,), tile_budget=2,
-                                      pad_token_id=processor.pad_token_id)
-    assert arrays.pixels_BxIxCxSxS.shape == (1, 2, 3, TILE, TILE)
-    assert not arrays.tile_valid_BxI.any() and (arrays.token_source_BxT == -1).all()
+    rows = [prompt_row(processor.encode(question="What is 2^10?"), _config(model_dir))]
+    batch = collate_prompts(rows, Buckets(lengths=(64,), patches=(0,)),
+                            pad_token_id=processor.pad_token_id)
+    assert batch.vision is None and (batch.token_source_BxT == -1).all()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eureka_jax.batching import chunked_logprobs
+from eureka_jax.policy import chunked_logprobs
 
 B, L, D, V = 2, 13, 8, 50
 

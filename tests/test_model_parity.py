@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from eureka_jax import hf_io, testing, verify
-from eureka_jax.batching import Buckets, collate_prompts, prompt_row
+from eureka_jax.batch import Buckets
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row
 
 REL_TOLERANCE = 1e-5
 MIN_LOGIT_STD = 0.1
@@ -74,12 +76,12 @@ class Run:
         self.batch = collate_prompts(rows, Buckets(lengths=(64, 128, 256), patches=(0, 128, 512)),
                                      pad_token_id=self.processor.pad_token_id)
         self.logits_BxTxV = verify.port_logits(self.model, self.batch)
-        self.reference = verify.load_reference(model_dir)
+        self.reference = qwen.load_reference(model_dir)
 
     def reference_logits(self, names, padding_side="left"):
-        arrays = verify.hf_arrays([self.prompts[n] for n in names], self.processor.pad_token_id,
+        arrays = qwen.hf_arrays([self.prompts[n] for n in names], self.processor.pad_token_id,
                                   padding_side)
-        return verify.reference_logits(self.reference, arrays, self.config.image_token_id), arrays
+        return qwen.reference_logits(self.reference, arrays, self.config.image_token_id), arrays
 
     def ours(self, name):
         """The port's logits for one prompt, padding dropped: (T, V)."""
@@ -139,7 +141,7 @@ def test_unjitted_forward_matches_transformers(base_run):
     """The same program without jit (op by op) on the text prompt, alone and unpadded."""
     run = base_run
     reference_1xTxV, arrays = run.reference_logits(["text"])
-    eager_1xTxV = verify.port_logits(run.model, verify.port_inputs(arrays, run.config), jit=False)
+    eager_1xTxV = verify.port_logits(run.model, qwen.port_inputs(arrays, run.config), jit=False)
     assert_parity(eager_1xTxV[0], reference_1xTxV[0], "un-jitted text")
 
 
@@ -159,7 +161,7 @@ def test_bfloat16_agreement(base_run, capsys):
         reference_1xTxV, arrays = run.reference_logits([name])
         reference.append(reference_1xTxV[0])
         ours.append(logits_BxTxV[row][run.batch.attention_mask_BxT[row]])
-        theirs.append(verify.reference_logits(hf_bf16, arrays, run.config.image_token_id)[0])
+        theirs.append(qwen.reference_logits(hf_bf16, arrays, run.config.image_token_id)[0])
     reference_NxV = np.concatenate(reference)
     everything = np.ones((1, len(reference_NxV)))
     stats = verify.compare(np.concatenate(ours)[None], reference_NxV[None], everything)

@@ -299,3 +299,17 @@ def test_batch_input_validation():
         score_batch([None], ["1"], config=LOCAL)
     [result] = score_batch([GOOD.format("7")], [7], config=LOCAL)  # numeric gold is fine
     assert result.accuracy == 1.0
+
+
+def test_last_boxed_answer_source_reads_only_the_last_box():
+    from eureka_jax.rewards.accuracy import judge
+    from eureka_jax.rewards.compose import RewardConfig
+
+    completion = "<answer>\\boxed{5}</answer> so the final answer is \\boxed{7}"
+    assert judge(completion, "5").accuracy == 1.0  # MM-Eureka: the first answer block
+    assert judge(completion, "5", answer_source="last_boxed").accuracy == 0.0
+    assert judge(completion, "7", answer_source="last_boxed").accuracy == 1.0
+    # A base model's plain answer without a box scores 0 under the pretrain reward.
+    assert judge("<answer>7</answer>", "7", answer_source="last_boxed").accuracy == 0.0
+    with pytest.raises(InputError, match="rewards.answer_source"):
+        RewardConfig(answer_source="first_line")

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eureka_jax import hf_io, testing, verify
-from eureka_jax.batching import Buckets, collate_prompts, prompt_row
+from eureka_jax import hf_io, testing
+from eureka_jax.batch import Buckets
 from eureka_jax.commands import sample as command
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.processing import QwenVLProcessor
+from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row
 from eureka_jax.sampler import Sampler, SamplingConfig
 
 QUESTION = "What is 3 + 4?"
@@ -84,7 +86,7 @@ def test_hf_arrays_input_on_a_mesh(model_dir, processor, image_path, capsys, tmp
     encoded = [processor.encode(question="2+2"),
                processor.encode(question=QUESTION, images=[str(image_path)])]
     inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, **verify.hf_arrays(encoded, processor.pad_token_id, padding_side="right"))
+    np.savez(inputs, **qwen.hf_arrays(encoded, processor.pad_token_id, padding_side="right"))
     code, out, err = run(capsys, "--model", model_dir, "--inputs", inputs, "--greedy",
                          "--max-new-tokens", 5, "--mesh", "1,1,2", "--cache-phases", 2,
                          "--json")

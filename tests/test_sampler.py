@@ -18,17 +18,13 @@ from flax import nnx
 from scipy import stats
 
 from eureka_jax import hf_io, sharding, testing
-from eureka_jax.batching import (
-    Buckets,
-    collate_prompts,
-    prompt_row,
-    response_logits,
-    response_logprobs,
-)
+from eureka_jax.batch import Buckets
 from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import KVCache, LayerKV
+from eureka_jax.policy import make_forward_logprobs, response_logits, response_logprobs
 from eureka_jax.processing import QwenVLProcessor
-from eureka_jax.rollout import make_forward_logprobs, rollout_train_batch
+from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row
+from eureka_jax.rollout import rollout_train_batch
 from eureka_jax.sampler import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -593,7 +589,7 @@ def test_prompt_longer_than_maximum(model, processor, prompts):
 
 def test_too_many_image_patches(model, prompts):
     rows = [prompt_row(prompts[n], model.config) for n in ("image_small", "image_wide")]
-    with pytest.raises(InputError, match=r"batch row 1: patches per prompt 112 exceeds .* 64"):
+    with pytest.raises(InputError, match=r"batch row 1: patches .* per prompt 112 exceeds .* 64"):
         collate_prompts(rows, Buckets(lengths=(128,), patches=(0, 64)), pad_token_id=0)
 
 

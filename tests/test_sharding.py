@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from eureka_jax import hf_io, sharding, testing, verify
 from eureka_jax.commands import logits as logits_command
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.processing import QwenVLProcessor
 
 MESH_SHAPE = (2, 2, 2)
@@ -31,7 +32,7 @@ def arrays(model_dir):
                                                               testing.draw_image(30, 40, 3)]),
         processor.encode(question="Find x such that 3x + 5 = 20."),
     ]
-    return verify.hf_arrays(prompts, processor.pad_token_id)
+    return qwen.hf_arrays(prompts, processor.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,10 @@ def test_activations_follow_the_rules(model_dir, mesh):
 def test_sharded_logits_equal_single_device(model_dir, mesh, arrays, tmp_path):
     single = hf_io.load_model(model_dir)
     config = single.config
-    expected = verify.port_logits(single, verify.port_inputs(arrays, config))
+    expected = verify.port_logits(single, qwen.port_inputs(arrays, config))
     model = hf_io.load_model(model_dir, mesh=mesh)
     with sharding.activate(mesh):
-        logits = verify.port_logits(model, verify.port_inputs(arrays, config))
+        logits = verify.port_logits(model, qwen.port_inputs(arrays, config))
     stats = verify.compare(logits, expected, arrays["attention_mask"])
     # Not bit-exact (1.3e-6 measured): sharded matmuls sum partial products in another order.
     assert stats["rel_diff"] <= 1e-5 and stats["greedy_agree"] == 1.0, stats

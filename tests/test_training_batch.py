@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eureka_jax.batching import PromptRow
 from eureka_jax.configs_common import load_config_file, validate_config
 from eureka_jax.errors import InputError
+from eureka_jax.processing.qwen_rows import PromptRow
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import ScoredGroup, control_rewards
 from eureka_jax.train import (

@@ -11,6 +11,7 @@ from eureka_jax import testing, verify
 from eureka_jax.commands import logits as logits_command
 from eureka_jax.commands import verify_port as verify_port_command
 from eureka_jax.errors import InputError
+from eureka_jax.families import qwen2_5_vl as qwen
 from eureka_jax.hf_io import read_config
 from eureka_jax.processing import QwenVLProcessor
 
@@ -23,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    return verify.load_reference(model_dir)
+    return qwen.load_reference(model_dir)
 
 
 def hf_processor_arrays(model_dir, texts, images, padding_side):
@@ -59,7 +60,7 @@ def test_logits_command_matches_transformers(model_dir, reference, processor_arr
     with np.load(output) as npz:
         logits = npz["logits"]
     image_token_id = read_config(model_dir).image_token_id
-    expected = verify.reference_logits(reference, arrays, image_token_id)
+    expected = qwen.reference_logits(reference, arrays, image_token_id)
     assert logits.dtype == np.float32 and logits.shape == expected.shape
     stats = verify.compare(logits, expected, arrays["attention_mask"])
     assert stats["rel_diff"] <= 1e-5 and stats["greedy_agree"] == 1.0, stats
@@ -106,13 +107,13 @@ def test_logits_command_errors(model_dir, processor_arrays, tmp_path, capsys):
 def test_port_inputs_accepts_text_only_and_missing_mask(model_dir):
     config = read_config(model_dir)
     ids = np.array([[5, 6, 7, 8]])
-    batch = verify.port_inputs({"input_ids": ids}, config)
+    batch = qwen.port_inputs({"input_ids": ids}, config)
     assert batch.vision is None and batch.attention_mask_BxT.all()
     np.testing.assert_array_equal(batch.positions_3xBxT, np.broadcast_to(np.arange(4), (3, 1, 4)))
     with pytest.raises(InputError, match="row 0 has no tokens"):
-        verify.port_inputs({"input_ids": ids, "attention_mask": np.zeros_like(ids)}, config)
+        qwen.port_inputs({"input_ids": ids, "attention_mask": np.zeros_like(ids)}, config)
     with pytest.raises(InputError, match="video tokens are not supported"):
-        verify.port_inputs({"input_ids": np.array([[5, config.video_token_id]])}, config)
+        qwen.port_inputs({"input_ids": np.array([[5, config.video_token_id]])}, config)
 
 
 def test_verify_port_command(model_dir, capsys):

@@ -18,6 +18,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default="runs/demo",
                         help="data, models, checkpoints, metrics and curves go here")
     parser.add_argument("--seed", type=int, default=0, help="data, initialisation and sampling")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "internvl"),
+                        help="model family of the tiny random model")
     parser.add_argument("--grpo-steps", type=int, default=None,
                         help="GRPO steps (default: configs/tiny_cpu.py's train.num_steps)")
     parser.add_argument("--reward-control", choices=("none", "shuffled"), default="none",
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> int:
     overrides = {}
     if args.cache_phases is not None:
         overrides["sampling.cache_phases"] = args.cache_phases
-    summary = run_demo(args.workdir, seed=args.seed, grpo_steps=args.grpo_steps,
+    summary = run_demo(args.workdir, family=args.family, seed=args.seed, grpo_steps=args.grpo_steps,
                        reward_control=args.reward_control, config_overrides=overrides,
                        show_progress=not args.no_progress)
     before, after = summary["eval_accuracy_before"], summary["eval_accuracy_after"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from eureka_jax.batch import Buckets
 from eureka_jax.commands import argument_parser
 from eureka_jax.workdirs import as_path
 
@@ -29,8 +30,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--system", default=None, help="system prompt (default: MM-Eureka's)")
-    parser.add_argument("--min-pixels", type=int, default=None)
-    parser.add_argument("--max-pixels", type=int, default=None)
+    parser.add_argument("--min-pixels", type=int, default=None, help="Qwen2.5-VL images")
+    parser.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL images")
+    parser.add_argument("--max-tiles", type=int, default=None, help="InternVL tiles per image")
     parser.add_argument("--length-buckets", default="256,512,1024,2048,4096")
     parser.add_argument("--patch-buckets", default="0,256,1024,2560,4096")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,11 +40,10 @@ def main(argv: list[str]) -> int:
 
     import jax
 
-    from eureka_jax import batching, hf_io
+    from eureka_jax import families, hf_io
     from eureka_jax.data import MMEUREKA_SYSTEM_PROMPT
     from eureka_jax.errors import InputError
     from eureka_jax.evaluation import Evaluator
-    from eureka_jax.processing import QwenVLProcessor
     from eureka_jax.rewards import RewardConfig, RewardPool
     from eureka_jax.train import checkpoint_paths, load_trained_model
 
@@ -52,13 +53,14 @@ def main(argv: list[str]) -> int:
             model, source = load_trained_model(args.model)
         except InputError:
             source = hf_io.resolve_model_dir(args.model)
-            model = hf_io.load_model(source)
-        processor = QwenVLProcessor.from_pretrained(source, min_pixels=args.min_pixels,
-                                                    max_pixels=args.max_pixels)
+            model = families.for_model_dir(source).load_model(source)
+        family = families.for_config(model.config)
+        processor = family.load_processor(source, families.ImageOptions(
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_tiles=args.max_tiles))
         from flax import nnx
 
         graphdef, params = nnx.split(model)
-        buckets = batching.Buckets(
+        buckets = Buckets(
             lengths=tuple(int(x) for x in args.length_buckets.split(",")),
             patches=tuple(int(x) for x in args.patch_buckets.split(",")))
         with RewardPool(RewardConfig()) as pool:

@@ -22,13 +22,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weights dtype in the export (default: as trained)")
     args = parser.parse_args(argv)
-    from eureka_jax import hf_io
+    from eureka_jax import families
     from eureka_jax.errors import InputError
     from eureka_jax.train import load_trained_model
 
     try:
         model, source = load_trained_model(args.checkpoint)
-        output = hf_io.export_model(model, args.output, source_dir=source, dtype=args.dtype)
+        output = families.for_config(model.config).export_model(
+            model, args.output, source_dir=source, dtype=args.dtype)
     except InputError as error:
         print(f"eureka-jax export: {error}", file=sys.stderr)
         return 2

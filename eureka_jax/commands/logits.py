@@ -50,24 +50,27 @@ def logits_for(model_dir: str, arrays: dict[str, np.ndarray], *, dtype: str = "f
     """(batch, length, vocab) float32 logits of the port on `mesh_shape` devices."""
     import jax
 
-    from eureka_jax import hf_io, sharding, verify
+    from eureka_jax import families, hf_io, sharding, verify
 
     devices = jax.devices()
     needed = int(np.prod(mesh_shape))
     if needed > len(devices):
         raise InputError(f"--mesh {mesh_shape} needs {needed} devices; {len(devices)} available")
     # Inputs are checked against the config before any weight is read.
-    config = hf_io.read_config(hf_io.resolve_model_dir(model_dir))
-    batch = verify.port_inputs(arrays, config, source="--inputs")
+    source = hf_io.resolve_model_dir(model_dir)
+    family = families.for_model_dir(source)
+    config = family.read_config(source)
+    batch = family.port_inputs(arrays, config, source="--inputs")
     mesh = sharding.make_mesh(mesh_shape, devices[:needed])
-    model = hf_io.load_model(model_dir, mesh=mesh, param_dtype=dtype, compute_dtype=dtype)
+    model = family.load_model(source, mesh=mesh, param_dtype=dtype, compute_dtype=dtype)
     with sharding.activate(mesh):
         return verify.port_logits(model, batch)
 
 
 def main(argv: list[str]) -> int:
     parser = argument_parser("logits", __doc__, EXAMPLES)
-    parser.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL directory")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face Qwen2.5-VL or InternVL directory")
     parser.add_argument("--inputs", required=True, help="npz of HF processor arrays")
     parser.add_argument("--output", required=True, help="npz to write (key 'logits')")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -37,17 +38,17 @@ def load_prompts(model_dir: str, *, prompt: str | None = None, images: Sequence[
                 system: str | None = None, inputs: dict[str, np.ndarray] | None = None):
     """(processor, model config, rows): the prompts to sample from, checked before any weight is
     read. Either `prompt` (+ `images`, `system`) or HF processor arrays `inputs`."""
-    from eureka_jax import batching, hf_io, verify
-    from eureka_jax.processing import QwenVLProcessor
+    from eureka_jax import families
 
-    processor = QwenVLProcessor.from_pretrained(model_dir)  # a local directory, never the hub
-    config = hf_io.read_config(model_dir)
+    family = families.for_model_dir(model_dir)  # a local directory, never the hub
+    processor = family.load_processor(model_dir)
+    config = family.read_config(Path(model_dir))
     if inputs is None:
         encoded = processor.encode(question=prompt, images=list(images), system=system,
                                    name="--prompt")
-        return processor, config, [batching.prompt_row(encoded, config, name="--prompt")]
-    batch = verify.port_inputs(inputs, config, source="--inputs")
-    return processor, config, batching.prompt_rows(batch, config)
+        return processor, config, [family.prompt_row(encoded, config, name="--prompt")]
+    batch = family.port_inputs(inputs, config, source="--inputs")
+    return processor, config, family.prompt_rows(batch, config)
 
 
 def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
@@ -56,8 +57,8 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
     import jax
     from flax import nnx
 
-    from eureka_jax import hf_io, sharding
-    from eureka_jax.batching import Buckets, collate_prompts
+    from eureka_jax import families, sharding
+    from eureka_jax.batch import Buckets
     from eureka_jax.sampler import FINISH_REASONS, Sampler
 
     devices = jax.devices()
@@ -67,9 +68,10 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
     # One call: the buckets are the batch's own sizes, so nothing is padded beyond the longest.
     buckets = Buckets(lengths=(max(r.num_tokens for r in rows),),
                       patches=(max(r.num_patches for r in rows),))
-    batch = collate_prompts(rows, buckets, pad_token_id=processor.pad_token_id)
+    family = families.for_model_dir(model_dir)
+    batch = family.collate_prompts(rows, buckets, pad_token_id=processor.pad_token_id)
     mesh = sharding.make_mesh(mesh_shape, devices[:needed])
-    model = hf_io.load_model(model_dir, mesh=mesh, param_dtype=dtype, compute_dtype=dtype)
+    model = family.load_model(model_dir, mesh=mesh, param_dtype=dtype, compute_dtype=dtype)
     with sharding.activate(mesh):
         graphdef, state = nnx.split(model)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -94,7 +96,8 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
 def main(argv: list[str]) -> int:
     parser = argument_parser("sample", __doc__, EXAMPLES)
     parser.add_argument("--model", required=True,
-                        help="Hugging Face Qwen2.5-VL directory with tokenizer/processor files")
+                        help="Hugging Face Qwen2.5-VL or InternVL directory with tokenizer "
+                             "and processor files")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the user's question")
     source.add_argument("--inputs", help="npz of HF processor arrays, one prompt per row")

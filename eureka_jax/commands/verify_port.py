@@ -26,20 +26,28 @@ EXAMPLES = (
 
 def main(argv: list[str]) -> int:
     parser = argument_parser("verify-port", __doc__, EXAMPLES)
-    parser.add_argument("--model", required=True, help="Hugging Face Qwen2.5-VL directory")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face Qwen2.5-VL or InternVL directory")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="parameter and compute dtype of the port (transformers: float32)")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest allowed rel_diff")
-    parser.add_argument("--min-pixels", type=int, help="override preprocessor_config.json")
-    parser.add_argument("--max-pixels", type=int, help="override preprocessor_config.json")
+    parser.add_argument("--min-pixels", type=int,
+                        help="Qwen2.5-VL: override preprocessor_config.json")
+    parser.add_argument("--max-pixels", type=int,
+                        help="Qwen2.5-VL: override preprocessor_config.json")
+    parser.add_argument("--max-tiles", type=int,
+                        help="InternVL: override preprocessor_config.json max_patches")
     args = parser.parse_args(argv)
 
     from eureka_jax import verify
+    from eureka_jax.families import ImageOptions
 
     try:
+        images = ImageOptions(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              max_tiles=args.max_tiles)
         report = verify.verify_port(args.model, dtype=args.dtype, tolerance=args.tolerance,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                                    images=images)
     except InputError as e:
         print(f"eureka-jax verify-port: {e}", file=sys.stderr)
         return 2

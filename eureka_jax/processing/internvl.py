@@ -14,10 +14,14 @@ the i-th by `<img>` + `<IMG_CONTEXT>` * (tokens_per_tile * tiles of image i) + `
 tokenises the result. tokens_per_tile = (image_size / patch_size)**2 * downsample_ratio**2 of the
 model's config.json (256 for 448-pixel tiles). A prompt without images is plain text: no tiles.
 
-    processor = InternVLPromptProcessor.from_pretrained(model_dir, max_tiles_per_prompt=12)
-    prompts = [processor.encode(question=q, images=[img], system=SYSTEM, name=rid) for ...]
-    arrays = collate_internvl_prompts(prompts, length_buckets=(512, 1024), tile_budget=12,
-                                      pad_token_id=processor.pad_token_id)
+    processor = InternVLPromptProcessor.from_pretrained(model_dir, max_tiles_per_prompt=13)
+    rows = [prompt_row(processor.encode(question=q, images=[img], system=SYSTEM, name=rid),
+                       model_config) for ...]
+    batch = collate_prompts(rows, Buckets(lengths=(512, 4096), patches=(0, 13)),
+                            pad_token_id=processor.pad_token_id)
+
+Rows are independent (like Qwen2.5-VL's, processing/qwen_rows.py): `collate_prompts` pads them to
+a length bucket and a tile bucket (data.patch_buckets counts tiles for InternVL).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eureka_jax.batch import Buckets, PromptBatch
 from eureka_jax.errors import InputError
+from eureka_jax.models.internvl import InternVisionInputs
 from eureka_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, to_rgb
-from eureka_jax.processing.layout import next_bucket
 from eureka_jax.processing.prompt import (
     ImageSource,
     _is_image_item,
@@ -264,14 +269,15 @@ class InternVLEncodedPrompt:
 class InternVLPromptProcessor:
     """Tokenizer + tile settings + chat template of an InternVL2.5 checkpoint directory.
 
-    max_tiles_per_prompt (data.max_tiles_per_prompt) bounds the tiles of all of a prompt's images
-    together: it is the static tile dimension I of the device batch. None = no bound.
+    max_tiles_per_prompt (the largest of data.patch_buckets, which count tiles for InternVL)
+    bounds the tiles of all of a prompt's images together: the largest static tile dimension I
+    of a device batch. None = no bound.
     """
 
     def __init__(self, tokenizer, tiles: TileSettings, chat_template: str, tokens_per_tile: int,
                  *, max_tiles_per_prompt: int | None = None, stop_token_ids: Sequence[int] = ()):
         if max_tiles_per_prompt is not None and max_tiles_per_prompt < 0:
-            raise InputError(f"data.max_tiles_per_prompt={max_tiles_per_prompt} must be >= 0")
+            raise InputError(f"max_tiles_per_prompt={max_tiles_per_prompt} must be >= 0")
         self.tokenizer = tokenizer
         self.tiles = tiles
         self.chat_template = chat_template
@@ -420,8 +426,9 @@ class InternVLPromptProcessor:
                               in enumerate(zip(pil_images, tiles_per_image, strict=True)))
             raise InputError(
                 f"{name}: its images need {sum(tiles_per_image)} tiles ({sizes}) but "
-                f"data.max_tiles_per_prompt is {budget}: raise data.max_tiles_per_prompt, lower "
-                f"the tiles per image (max_patches={self.tiles.max_tiles}), or drop the record"
+                f"the largest tile bucket (data.patch_buckets) is {budget}: raise it, lower the "
+                f"tiles per image (data.max_tiles, now max_patches={self.tiles.max_tiles}), or "
+                "drop the record"
             )
 
         replacements = iter([self.image_tokens(n) for n in tiles_per_image])
@@ -464,70 +471,114 @@ class InternVLPromptProcessor:
                          f"{type(value).__name__}); put a path, bytes or PIL image under 'image'")
 
 
-# ----------------------------------------------------------------------------- collation
+# ----------------------------------------------------------------------------- prompt rows
 
 
 @dataclasses.dataclass(frozen=True)
-class InternVLPromptArrays:
-    """Host (NumPy) arrays of B prompts, left-padded to a length bucket T, tiles padded to the
-    tile budget I. The model takes pixels_BxIxCxSxS and tile_valid_BxI as InternVisionInputs;
-    the k-th <IMG_CONTEXT> of row b takes the k-th token of row b's valid tiles, in order."""
+class InternVLPromptRow:
+    """One InternVL prompt laid out for the model, unpadded (host NumPy): the family's prompt row
+    (eureka_jax/families/internvl.py)."""
 
-    input_ids_BxT: np.ndarray  # int32, pad_token_id on the left padding
-    attention_mask_BxT: np.ndarray  # bool, False on the left padding
-    positions_3xBxT: np.ndarray  # int32: 0..n-1 over a row's real tokens (3 equal rows), pad 0
-    next_position_B: np.ndarray  # int32: number of real tokens = position of the next token
-    prompt_key_B: np.ndarray  # uint32: per-prompt seed component
-    token_source_BxT: np.ndarray  # int32: k for the k-th <IMG_CONTEXT> of the row, else -1
-    pixels_BxIxCxSxS: np.ndarray  # float32, zeros past a row's tiles
-    tile_valid_BxI: np.ndarray  # bool
+    input_ids_T: np.ndarray  # int32, image tokens expanded
+    positions_3xT: np.ndarray  # int32: 0..T-1 in three equal rows (1-D rotary)
+    next_position: int  # position of the first generated token (= T)
+    token_source_T: np.ndarray  # int32: k for the k-th <IMG_CONTEXT>, else -1
+    tiles_IxCxSxS: np.ndarray  # float32: the prompt's tiles in order
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids_T)
+
+    @property
+    def num_patches(self) -> int:
+        """The vision size a patch bucket bounds: tiles, for InternVL."""
+        return len(self.tiles_IxCxSxS)
 
 
-def collate_internvl_prompts(
-    prompts: Sequence[InternVLEncodedPrompt], *, length_buckets: Sequence[int], tile_budget: int,
-    pad_token_id: int, prompt_keys: Sequence[int] | None = None, names: Sequence[str] | None = None,
-) -> InternVLPromptArrays:
-    """Left-pad the prompts to the smallest length bucket that fits the longest and their tiles
-    to `tile_budget` (data.max_tiles_per_prompt). `names` label rows in error messages."""
-    if not prompts:
+def prompt_row(encoded: InternVLEncodedPrompt, config, *, name: str = "prompt",
+               ) -> InternVLPromptRow:
+    """The row of an encoded prompt, checked against the model config (tile side, tokens per
+    tile)."""
+    n = len(encoded.input_ids)
+    side = config.vision.image_size
+    if encoded.num_tiles and encoded.tiles.shape[-1] != side:
+        raise InputError(f"{name}: tiles of {encoded.tiles.shape[-1]} px but the vision tower "
+                         f"takes {side} px: encode with the model directory's processor")
+    contexts = int((encoded.token_source >= 0).sum())
+    if contexts != encoded.num_tiles * config.tokens_per_tile:
+        raise InputError(f"{name}: {contexts} image tokens for {encoded.num_tiles} tiles of "
+                         f"{config.tokens_per_tile} tokens each: encode with the model "
+                         "directory's processor")
+    return InternVLPromptRow(
+        input_ids_T=np.asarray(encoded.input_ids, np.int32),
+        positions_3xT=np.broadcast_to(np.arange(n, dtype=np.int32), (3, n)).copy(),
+        next_position=n,
+        token_source_T=np.asarray(encoded.token_source, np.int32),
+        tiles_IxCxSxS=np.asarray(encoded.tiles, np.float32),
+    )
+
+
+def collate_prompts(rows: Sequence[InternVLPromptRow], buckets: Buckets, *, pad_token_id: int,
+                    prompt_keys: Sequence[int] | None = None) -> PromptBatch:
+    """Left-pad the rows to a length bucket and their tiles to a tile bucket (buckets.patches:
+    tiles per prompt for InternVL; 0 = a text-only program). NumPy."""
+    if not rows:
         raise InputError("cannot collate an empty batch of prompts")
-    names = list(names) if names is not None else [f"batch row {b}" for b in range(len(prompts))]
-    longest = int(np.argmax([len(p.input_ids) for p in prompts]))
-    length = next_bucket(len(prompts[longest].input_ids), length_buckets,
-                         what=f"{names[longest]}: prompt length")
-    shapes = {p.tiles.shape[1:] for p in prompts}
-    if len(shapes) > 1:
-        raise InputError(f"prompts with different tile shapes {sorted(shapes)}: encode the batch "
-                         "with one processor")
-    channels, s, _ = shapes.pop()
-    b = len(prompts)
+    rows = list(rows)
+    length, budget = buckets.length_for(rows), buckets.patches_for(rows)
+    b = len(rows)
     input_ids = np.full((b, length), pad_token_id, dtype=np.int32)
     mask = np.zeros((b, length), dtype=bool)
-    positions = np.zeros((b, length), dtype=np.int32)
+    positions = np.zeros((3, b, length), dtype=np.int32)
     sources = np.full((b, length), -1, dtype=np.int32)
-    pixels = np.zeros((b, tile_budget, channels, s, s), dtype=np.float32)
-    valid = np.zeros((b, tile_budget), dtype=bool)
-    for row, prompt in enumerate(prompts):
-        if prompt.num_tiles > tile_budget:
-            raise InputError(
-                f"{names[row]}: {prompt.num_tiles} image tiles but data.max_tiles_per_prompt is "
-                f"{tile_budget}: raise data.max_tiles_per_prompt or encode with the same budget"
-            )
-        n = len(prompt.input_ids)
-        input_ids[row, length - n:] = prompt.input_ids
-        mask[row, length - n:] = True
-        positions[row, length - n:] = np.arange(n)
-        sources[row, length - n:] = prompt.token_source
-        pixels[row, : prompt.num_tiles] = prompt.tiles
-        valid[row, : prompt.num_tiles] = True
+    for i, row in enumerate(rows):
+        n = row.num_tokens
+        input_ids[i, length - n:] = row.input_ids_T
+        mask[i, length - n:] = True
+        positions[:, i, length - n:] = row.positions_3xT
+        sources[i, length - n:] = row.token_source_T
+    vision = None
+    if budget:
+        shapes = {row.tiles_IxCxSxS.shape[1:] for row in rows}
+        if len(shapes) > 1:
+            raise InputError(f"prompts with different tile shapes {sorted(shapes)}: encode the "
+                             "batch with one processor")
+        channels, side, _ = shapes.pop()
+        pixels = np.zeros((b, budget, channels, side, side), dtype=np.float32)
+        valid = np.zeros((b, budget), dtype=bool)
+        for i, row in enumerate(rows):
+            pixels[i, :row.num_patches] = row.tiles_IxCxSxS
+            valid[i, :row.num_patches] = True
+        vision = InternVisionInputs(pixels_BxIxCxSxS=pixels, tile_valid_BxI=valid)
     keys = np.arange(b) if prompt_keys is None else np.asarray(prompt_keys)
-    return InternVLPromptArrays(
+    return PromptBatch(
         input_ids_BxT=input_ids,
         attention_mask_BxT=mask,
-        positions_3xBxT=np.broadcast_to(positions, (3, b, length)).copy(),
+        positions_3xBxT=positions,
         next_position_B=mask.sum(axis=1).astype(np.int32),
         prompt_key_B=keys.astype(np.uint32),
         token_source_BxT=sources,
-        pixels_BxIxCxSxS=pixels,
-        tile_valid_BxI=valid,
+        vision=vision,
     )
+
+
+def prompt_rows(batch: PromptBatch, config) -> list[InternVLPromptRow]:
+    """The rows of a NumPy PromptBatch without their padding: the inverse of `collate_prompts`
+    (the tokens its attention mask marks, on either side; the valid tiles)."""
+    side = config.vision.image_size
+    rows = []
+    for b in range(len(batch.input_ids_BxT)):
+        valid_T = np.asarray(batch.attention_mask_BxT[b]).astype(bool)
+        if batch.vision is None:
+            tiles = np.zeros((0, config.vision.num_channels, side, side), np.float32)
+        else:
+            keep = np.asarray(batch.vision.tile_valid_BxI[b]).astype(bool)
+            tiles = np.asarray(batch.vision.pixels_BxIxCxSxS[b])[keep]
+        rows.append(InternVLPromptRow(
+            input_ids_T=np.asarray(batch.input_ids_BxT[b])[valid_T],
+            positions_3xT=np.asarray(batch.positions_3xBxT[:, b])[:, valid_T],
+            next_position=int(batch.next_position_B[b]),
+            token_source_T=np.asarray(batch.token_source_BxT[b])[valid_T],
+            tiles_IxCxSxS=tiles,
+        ))
+    return rows

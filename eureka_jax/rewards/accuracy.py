@@ -45,13 +45,15 @@ def _equal(prediction: str, answer: str) -> bool:
     return math_equal(prediction, answer)
 
 
-def judge(completion: str, answer: str, guards: bool = True) -> Verdict:
+def judge(completion: str, answer: str, guards: bool = True,
+          answer_source: str = "answer_tag") -> Verdict:
     """Accuracy of one completion. Raises GroundTruthError for an unusable ground truth.
+    `answer_source`: where the answer is read (extract.extract_answer).
 
     `guards=False` skips the safety pre-checks (guard.py), leaving only the caller's time limit:
     for measuring that limit, never for training."""
     check_ground_truth(answer, guards)
-    prediction = extract_answer(completion)
+    prediction = extract_answer(completion, answer_source)
     if prediction is None or not prediction.strip():
         return Verdict(0.0)
     reason = unsafe_reason(prediction) if guards else None

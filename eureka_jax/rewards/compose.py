@@ -27,6 +27,7 @@ from typing import Any
 
 from eureka_jax.errors import InputError
 from eureka_jax.rewards.accuracy import judge
+from eureka_jax.rewards.extract import ANSWER_SOURCES
 from eureka_jax.rewards.format import format_reward
 from eureka_jax.rewards.math_equal import GroundTruthError
 from eureka_jax.rewards.timer import ItemTimeout, time_limit
@@ -52,6 +53,8 @@ class RewardConfig:
       hang in C code cannot be interrupted there).
     guards: refuse explosive answers (power towers, deep nesting; guard.py) before parsing. Off
       only to measure the time limit on its own (benchmarks/rewards.py); never for training.
+    answer_source: "answer_tag" (the first <answer> block, else the last \\boxed{}: MM-Eureka)
+      or "last_boxed" (only the last \\boxed{}: MM-Eureka-Zero's "pretrain" reward).
     """
 
     accuracy_weight: float = 1.0
@@ -64,6 +67,7 @@ class RewardConfig:
     timeout_s: float = 3.0
     num_workers: int = dataclasses.field(default_factory=_default_workers)
     guards: bool = True
+    answer_source: str = "answer_tag"
 
     def __post_init__(self):
         # Named as the training config names them (config.rewards; eureka-jax score --config).
@@ -82,6 +86,9 @@ class RewardConfig:
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise InputError(f"rewards.timeout_s must be a positive number of seconds "
                              f"(got {self.timeout_s!r})")
+        if self.answer_source not in ANSWER_SOURCES:
+            raise InputError(f"rewards.answer_source must be one of {ANSWER_SOURCES} "
+                             f"(got {self.answer_source!r})")
         if self.num_workers < 0:
             raise InputError(f"rewards.num_workers must be >= 0 (got {self.num_workers}; 0: "
                              "score in-process)")
@@ -191,7 +198,7 @@ def score_item(
     accuracy, user = 0.0, []
     try:
         with time_limit(config.timeout_s):
-            verdict = judge(completion, answer, config.guards)
+            verdict = judge(completion, answer, config.guards, config.answer_source)
             accuracy = verdict.accuracy
             for (path, _), fn in zip(config.user_functions, user_fns, strict=True):
                 try:

@@ -67,12 +67,20 @@ def last_boxed(text: str) -> str | None:
     return contents[-1] if contents else None
 
 
-def extract_answer(completion: str) -> str | None:
+ANSWER_SOURCES = ("answer_tag", "last_boxed")
+
+
+def extract_answer(completion: str, source: str = "answer_tag") -> str | None:
     """The text to judge, or None (accuracy 0).
 
+    source "last_boxed" (MM-Eureka-Zero's "pretrain" reward, for base models that were never
+    taught the tags): the content of the last complete \\boxed{} anywhere, nothing else.
+    source "answer_tag" (default):
     The first complete <answer> block; inside it, its \\boxed{} content if it has one (several
     different boxed answers are joined with ", " so that hedging by boxing two candidates is judged
     as answering both). Without an answer block, the last \\boxed{} anywhere in the completion."""
+    if source == "last_boxed":
+        return last_boxed(completion)
     block = answer_block(completion)
     if block is not None:
         contents = list(dict.fromkeys(boxed_contents(block)))
