@@ -153,7 +153,7 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> No
         if not ok:
             raise InputError(f"{field} must be {condition} (got {get(field)!r}): {what_to_do}")
 
-    from eureka_jax.models.qwen2_5_vl import DTYPES, REMAT_POLICIES
+    from eureka_jax.models.decoder import DTYPES, REMAT_POLICIES
     from eureka_jax.processing.image import ImageSettings
     from eureka_jax.rewards import RewardConfig
     from eureka_jax.sampler import SamplingConfig

@@ -45,7 +45,7 @@ from eureka_jax import families, sharding
 from eureka_jax.batch import PromptBatch, TrainBatch
 from eureka_jax.errors import InputError
 from eureka_jax.models import presets
-from eureka_jax.models.qwen2_5_vl import DTYPES
+from eureka_jax.models.decoder import DTYPES
 from eureka_jax.policy import make_forward_logprobs
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.sampler import Sampler, SamplingConfig
@@ -417,7 +417,7 @@ def _kv_cache_bytes(model_config, prompts: int, group: int, prompt_length: int,
                     buffer_length: int, context: sharding.ShardingContext) -> int:
     """Per-device bytes of the sampler's KV cache (prompt K/V once per prompt, generated K/V per
     sample), sharded as the cache's logical axes say."""
-    from eureka_jax.models.qwen2_5_vl import CACHE_K_AXES
+    from eureka_jax.models.decoder import CACHE_K_AXES
 
     t = model_config.text
     itemsize = jnp.dtype(DTYPES[model_config.compute_dtype]).itemsize

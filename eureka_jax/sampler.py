@@ -31,7 +31,7 @@ from flax import nnx, struct
 
 from eureka_jax.batch import PromptBatch
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import KVCache
+from eureka_jax.models.decoder import KVCache
 
 FINISH_STOP, FINISH_LENGTH = 1, 2
 FINISH_REASONS = {0: "running", FINISH_STOP: "stop", FINISH_LENGTH: "length"}

@@ -21,13 +21,8 @@ from flax import nnx
 from eureka_jax import attention as attn
 from eureka_jax import sharding
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import (
-    Qwen25VL,
-    Qwen25VLConfig,
-    TextConfig,
-    VisionConfig,
-    VisionInputs,
-)
+from eureka_jax.models.decoder import TextConfig
+from eureka_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, VisionInputs
 from eureka_jax.processing.layout import vision_layout
 
 F32_TOLERANCE = 2e-5  # float32 attention vs float64: a few ulps of values of size ~1

@@ -20,7 +20,7 @@ from scipy import stats
 from eureka_jax import hf_io, sharding, testing
 from eureka_jax.batch import Buckets
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import KVCache, LayerKV
+from eureka_jax.models.decoder import KVCache, LayerKV
 from eureka_jax.policy import make_forward_logprobs, response_logits, response_logprobs
 from eureka_jax.processing import QwenVLProcessor
 from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row

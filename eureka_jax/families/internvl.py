@@ -25,6 +25,7 @@ from eureka_jax.batch import Buckets, PromptBatch
 from eureka_jax.errors import InputError
 from eureka_jax.families import ImageOptions, ModelFamily
 from eureka_jax.models import internvl_io
+from eureka_jax.models.decoder import TextConfig
 from eureka_jax.models.internvl import (
     InternVisionInputs,
     InternViTConfig,
@@ -32,7 +33,6 @@ from eureka_jax.models.internvl import (
     InternVLConfig,
     text_positions,
 )
-from eureka_jax.models.qwen2_5_vl import TextConfig
 from eureka_jax.processing import internvl as processing
 from eureka_jax.processing.internvl import InternVLEncodedPrompt, InternVLPromptProcessor
 from eureka_jax.verify import checked_tokens, token_arrays

@@ -24,13 +24,8 @@ from eureka_jax import hf_io
 from eureka_jax.batch import Buckets, PromptBatch
 from eureka_jax.errors import InputError
 from eureka_jax.families import ImageOptions, ModelFamily
-from eureka_jax.models.qwen2_5_vl import (
-    Qwen25VL,
-    Qwen25VLConfig,
-    TextConfig,
-    VisionConfig,
-    VisionInputs,
-)
+from eureka_jax.models.decoder import TextConfig
+from eureka_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, VisionInputs
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor, qwen_rows
 from eureka_jax.processing.qwen_rows import collate_prompts, prompt_row
 from eureka_jax.verify import checked_tokens, integer_array, token_arrays

@@ -1,14 +1,14 @@
 """InternVL2.5 (InternViT + MLP projector + Qwen2 or Llama decoder) in Flax NNX, numerically equal
 to transformers' native `InternVLForConditionalGeneration` (model_type "internvl").
 
-The language model is the Qwen2.5-VL port's decoder (models/qwen2_5_vl.py: DecoderLayer, KVCache,
+The language model is the decoder both families share (models/decoder.py: DecoderLayer, KVCache,
 the stacked scan), run with 1-D rotary positions: M-RoPE with a single section of head_dim / 2
 frequencies reads only the first of the three position rows, so `positions_3xBxT` carries the
 same text positions 0..n-1 (over the non-padding tokens of a left-padded row) in all three rows,
 exactly the `attention_mask.cumsum(-1) - 1` that transformers' `generate` computes (its plain
 forward without position_ids counts left padding too, so parity tests pass them). Qwen2 and
 Llama differ here only in their attention biases (TextConfig.attention_bias, o_proj_bias).
-Because the model keeps `Qwen25VL`'s method contract (encode_images, embed, decode, decode_step,
+Because the model keeps the families' method contract (encode_images, embed, decode, decode_step,
 logits), the sampler and the trainer run it unchanged.
 
 Vision (static shapes). The host cuts every image into 448 px tiles (InternVL's dynamic tiling
@@ -39,18 +39,16 @@ from flax import nnx, struct
 
 from eureka_jax import attention
 from eureka_jax.errors import InputError
-from eureka_jax.models.qwen2_5_vl import (
+from eureka_jax.models.decoder import (
     DTYPES,
     REMAT_POLICIES,
-    DecoderLayer,
+    CausalLM,
     Dense,
-    Qwen25VL,
     RMSNorm,
     TextConfig,
-    _activation,
-    _inverse_frequencies,
-    _normal,
-    _precision,
+    activation,
+    inverse_frequencies,
+    matmul_precision,
     mrope_cos_sin,
     scan_layers,
     stacked,
@@ -170,8 +168,8 @@ class InternVLConfig:
         if vision.norm_type not in ("layer_norm", "rms_norm"):
             raise InputError(f"vision_config.norm_type {vision.norm_type!r}: use layer_norm or "
                              "rms_norm")
-        _activation(vision.hidden_act)
-        _activation(self.projector_hidden_act)
+        activation(vision.hidden_act)
+        activation(self.projector_hidden_act)
         fold = self.shuffle_factor
         if vision.grid % fold:
             raise InputError(f"a tile's {vision.grid} patches per side must be a multiple of "
@@ -444,7 +442,7 @@ class VisionMLP(nnx.Module):
                          ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = Dense(vision.intermediate_size, vision.hidden_size,
                          ("vision_mlp", "vision_embed"), **kw)
-        self.act = _activation(vision.hidden_act)
+        self.act = activation(vision.hidden_act)
 
     def __call__(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -531,7 +529,7 @@ class VisionTower(nnx.Module):
         if grid == trained:
             return table
         w_out_in = jnp.asarray(bicubic_matrix(trained, grid), self.dtype)
-        precision = _precision(self.dtype)
+        precision = matmul_precision(self.dtype)
 
         def resample_rows(x_in_in_d):  # [rows, cols, D] -> [cols, new rows, D]
             rows, cols, d = x_in_in_d.shape
@@ -586,7 +584,7 @@ class Projector(nnx.Module):
         # (jax 0.10.2, CPU) swapped whole tiles between batch shards.
         self.linear_1 = Dense(width, d, ("vision_embed", "mlp"), **kw)
         self.linear_2 = Dense(d, d, ("mlp", "embed"), **kw)
-        self.act = _activation(config.projector_hidden_act)
+        self.act = activation(config.projector_hidden_act)
 
     def __call__(self, x):
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
@@ -597,28 +595,15 @@ class Projector(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class InternVL(nnx.Module):
-    """InternVLForConditionalGeneration: InternViT, projector, decoder, (tied or untied) head."""
+class InternVL(CausalLM):
+    """InternVLForConditionalGeneration: InternViT, projector, decoder, (tied or untied) head.
+    The language model's methods (embed, decode, decode_step, logits, __call__) are
+    CausalLM's (models/decoder.py); only the rotary differs (dynamic NTK's range check)."""
 
     def __init__(self, config: InternVLConfig, rngs: nnx.Rngs):
-        text = config.text
-        self.config = config
-        self.dtype = DTYPES[config.compute_dtype]
         self.vision_tower = VisionTower(config, rngs)
         self.multi_modal_projector = Projector(config, rngs)
-        self.embed_tokens = nnx.Param(
-            _normal(rngs, (text.vocab_size, text.hidden_size), DTYPES[config.param_dtype]),
-            logical_axes=("vocab", "embed"),
-        )
-        self.layers = stacked(lambda rngs: DecoderLayer(config, rngs), text.num_hidden_layers,
-                              rngs)
-        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps, config)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Dense(text.hidden_size, text.vocab_size, ("embed", "vocab"), use_bias=False,
-                       config=config, rngs=rngs)
-        )
+        self.init_language_model(config, rngs)
 
     def encode_images(self, vision: InternVisionInputs) -> jax.Array:
         """Vision tokens [B, I * tokens_per_tile, D] of every row's tiles, in tile order."""
@@ -648,20 +633,8 @@ class InternVL(nnx.Module):
             raise InputError(f"sequence length {length} exceeds max_position_embeddings "
                              f"{text.max_position_embeddings}, where dynamic rope scaling "
                              "changes the rotary frequencies: not supported")
-        inv_freq = _inverse_frequencies(text.rope_theta, text.head_dim)
+        inv_freq = inverse_frequencies(text.rope_theta, text.head_dim)
         return mrope_cos_sin(positions_3xBxT, inv_freq, text.mrope_section)
-
-    # The language model is Qwen2.5-VL's, so these are its methods (see models/qwen2_5_vl.py):
-    # embed(input_ids_BxT, features, token_source_BxT) -> x; decode(x, positions_3xBxT,
-    # kv_valid_BxT) -> (hidden, kv); text_rotary_table(length); decode_step(x, position_N, cache,
-    # gen_slot, rotary_table); logits(hidden); __call__(input_ids_BxT, positions_3xBxT,
-    # attention_mask_BxT, vision=None, token_source_BxT=None) -> logits.
-    embed = Qwen25VL.embed
-    decode = Qwen25VL.decode
-    text_rotary_table = Qwen25VL.text_rotary_table
-    decode_step = Qwen25VL.decode_step
-    logits = Qwen25VL.logits
-    __call__ = Qwen25VL.__call__
 
 
 def text_positions(attention_mask_BxT) -> np.ndarray:
