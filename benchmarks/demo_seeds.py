@@ -3,6 +3,7 @@ the gain, and the time of each run; then the median and the worst gain.
 
     .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2 3 4] [--parallel 2]
         [--reward-control shuffled] [--cache-phases 4] [--threads 1] [--workdir runs/seeds]
+        [--family internvl]
 
 Each seed is one `eureka-jax demo --seed S` process in its own work directory, exactly as a user
 runs it (data, tiny model, warm start and GRPO all depend on the seed). `--parallel 2` runs two
@@ -10,7 +11,8 @@ seeds at a time, each pinned to one core with one XLA thread (so the per-run tim
 time); `--threads 1` pins a single run to one thread likewise. `--cache-phases N` overrides the
 sampler's KV buffer phases (a float-rounding-level change in sampling). `--reward-control
 shuffled` runs the control: GRPO on rewards permuted across each rollout, where accuracy must not
-rise. A run is reported as it finishes; the table is printed at the end.
+rise. `--family internvl` runs the demo's tiny InternVL instead of the tiny Qwen2.5-VL. A run is
+reported as it finishes; the table is printed at the end.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 def demo_command(seed: int, workdir: Path, args) -> list[str]:
     command = [sys.executable, "-m", "eureka_jax.cli", "demo", "--seed", str(seed),
                "--workdir", str(workdir), "--reward-control", args.reward_control,
-               "--no-progress"]
+               "--family", args.family, "--no-progress"]
     if args.cache_phases is not None:
         command += ["--cache-phases", str(args.cache_phases)]
     return command
 
 
 def start(seed: int, slot: int, args) -> tuple[subprocess.Popen, Path, float]:
-    workdir = Path(args.workdir) / f"{args.reward_control}_seed{seed}"
+    workdir = Path(args.workdir) / f"{args.family}_{args.reward_control}_seed{seed}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = demo_command(seed, workdir, args)
     if args.parallel > 1 or args.threads == 1:
@@ -58,6 +60,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, choices=(1, 2))
     parser.add_argument("--reward-control", choices=("none", "shuffled"), default="none")
     parser.add_argument("--cache-phases", type=int, default=None)
+    parser.add_argument("--family", choices=("qwen2_5_vl", "internvl"), default="qwen2_5_vl")
     parser.add_argument("--workdir", default="runs/seeds")
     args = parser.parse_args()
 

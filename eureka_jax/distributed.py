@@ -100,3 +100,30 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def own_share(count: int) -> slice:
+    """This process's contiguous share of `count` items (the rows it scores): process i of P
+    takes [i * ceil(count / P), (i + 1) * ceil(count / P)), the last one fewer."""
+    import jax
+
+    per = -(-count // jax.process_count())
+    start = min(count, jax.process_index() * per)
+    return slice(start, min(count, start + per))
+
+
+def gather_shares(local, count: int):
+    """Every process's `own_share(count)` rows of a NumPy array ([share, ...]) -> the whole
+    [count, ...] array on every process; a collective that every process must call."""
+    import jax
+    import numpy as np
+
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    per = -(-count // jax.process_count())
+    padded = np.zeros((per, *local.shape[1:]), local.dtype)
+    padded[:len(local)] = local
+    return np.asarray(multihost_utils.process_allgather(padded, tiled=True))[:count]

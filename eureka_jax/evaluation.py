@@ -69,8 +69,11 @@ class Evaluator:
             examples.extend(chunk)
         answers = [e.answer for e in examples for _ in range(k)]
         extras = [{"id": e.record_id, **e.extra} for e in examples for _ in range(k)]
-        results = self.reward_pool.submit(texts, answers, extras).result()
-        correct = np.asarray([r.accuracy for r in results], np.float32).reshape(-1, k)
+        # Each process scores its share; the accuracies are gathered onto every process.
+        own = distributed.own_share(len(texts))
+        results = self.reward_pool.submit(texts[own], answers[own], extras[own]).result()
+        correct = distributed.gather_shares(
+            np.asarray([r.accuracy for r in results], np.float32), len(texts)).reshape(-1, k)
         items = [{"id": e.record_id, "answer": e.answer,
                   "completions": texts[i * k:(i + 1) * k],
                   "accuracy": correct[i].tolist()} for i, e in enumerate(examples)]

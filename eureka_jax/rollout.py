@@ -203,6 +203,12 @@ def control_rewards(control: str, rewards_N: np.ndarray, accuracy_N: np.ndarray,
     return rewards_N[order_N], accuracy_N[order_N]
 
 
+def _score_columns(results) -> np.ndarray:
+    """[n, 5] float32: reward, accuracy, format, timed out, data error of each result."""
+    return np.asarray([(r.reward, r.accuracy, r.format, r.timed_out, r.data_error is not None)
+                       for r in results], np.float32).reshape(-1, 5)
+
+
 class RolloutWorker:
     """Runs one rollout: sample -> (rewards on the pool || teacher-forced forwards) -> groups.
 
@@ -257,8 +263,11 @@ class RolloutWorker:
             texts = decode_texts(self.tokenizer, tokens, lengths)
             answers = [e.answer for e in chunk for _ in range(group)]
             extras = [{"id": e.record_id, **e.extra} for e in chunk for _ in range(group)]
+            # Each process scores its own share of the samples in its own pool; the scores are
+            # gathered below, so every process ends with all of them.
+            own = distributed.own_share(len(texts))
             handles.append((texts, answers, self.reward_pool.submit(
-                texts, answers, extras, lengths=lengths.tolist())))
+                texts[own], answers[own], extras[own], lengths=lengths[own].tolist())))
             # Device work while the pool scores: the trainer's and the reference's log-probs of
             # the sampled tokens (dispatched asynchronously; read after the rewards).
             if self.measure_mismatch or self.ref_params is not None:
@@ -270,7 +279,9 @@ class RolloutWorker:
         rollout_time = sample_time
 
         started = time.perf_counter()
-        results = [r for _, _, handle in handles for r in handle.result()]
+        scores = np.concatenate([distributed.gather_shares(_score_columns(handle.result()),
+                                                           len(chunk_texts))
+                                 for chunk_texts, _, handle in handles])
         texts = [t for chunk_texts, _, _ in handles for t in chunk_texts]
         answers = [a for _, chunk_answers, _ in handles for a in chunk_answers]
         tokens, logprobs, lengths, finish = (np.concatenate(parts)
@@ -279,16 +290,14 @@ class RolloutWorker:
         ref_logp = np.concatenate(distributed.to_host(ref_logps)) if ref_logps else None
         reward_time = time.perf_counter() - started
 
-        rewards = np.asarray([r.reward for r in results], np.float32)
-        accuracy = np.asarray([r.accuracy for r in results], np.float32)
-        formats = np.asarray([r.format for r in results], np.float32)
+        rewards, accuracy, formats, timed_out, data_errors = scores.T
         mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
         metrics = {
             "reward/mean": rewards.mean(),
             "reward/accuracy": accuracy.mean(),
             "reward/format": formats.mean(),
-            "reward/timeouts": sum(r.timed_out for r in results),
-            "reward/data_errors": sum(r.data_error is not None for r in results),
+            "reward/timeouts": int(timed_out.sum()),
+            "reward/data_errors": int(data_errors.sum()),
             "response_length/mean": lengths.mean(),
             "response_length/clip_fraction": (finish == FINISH_LENGTH).mean(),
             "time/rollout": rollout_time,
