@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
     config.train.groups_per_step = 128
     config.train.minibatch_size = 64
     config.train.micro_batch_size = 8
-    config.train.rollout_chunk = 16  # prompts per sampler call
+    config.train.rollout_chunk = 8  # prompts per sampler call (16 did not fit v6e-8: plan)
 
     config.optim.lr = 3e-7
     config.optim.b1, config.optim.b2 = 0.9, 0.95
