@@ -550,8 +550,9 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         # One program per optimizer update: a scan over `accumulation` micro-batches.
         update = Program(
             "update", f"{accumulation} x {loop.micro_batch_size} sequences x ({prompt_length} + "
-            f"{response}) tokens, {patches} patches per prompt", micro_steps // accumulation,
-            accumulation * update_flops, resident_besides=0 if kl_in_loss else ref_bytes)
+            f"{response}) tokens, {patches} patches (tiles) per prompt",
+            micro_steps // accumulation, accumulation * update_flops,
+            resident_besides=0 if kl_in_loss else ref_bytes)
         update_fn = train.update_function(graphdef, tx, rl, model_config.freeze_vision)
         ref_arg = params if kl_in_loss else None
         stacked = jax.tree.map(
@@ -600,7 +601,7 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
                                    ends[-1], context)
         sampler = Program(
             "sampler", f"{chunk_prompts} prompts x {group} samples, {prompt_length}-token "
-            f"prompts, {patches} patches, {response} new tokens in {len(ends)} phase(s) "
+            f"prompts, {patches} patches (tiles), {response} new tokens in {len(ends)} phase(s) "
             f"(buffers {', '.join(map(str, ends))})", rollouts * chunks_per_rollout, sampler_flops,
             min_bytes_per_device=decode_bytes, resident_besides=opt_bytes + ref_bytes)
         prompt_batch = abstract_prompts(chunk_prompts, prompt_length, patches,

@@ -15,6 +15,10 @@ from eureka_jax.rewards.timer import ItemTimeout, time_limit
 
 GOOD = "<think>because</think><answer>{}</answer>"
 LIMIT = 2.0
+# How far past the limit an item may finish: the alarm repeats every 50 ms (rewards/timer.py) but
+# cannot interrupt a C call in progress. Seen on a 2-core machine at load 5: "slow expansion"
+# 0.75 s past the limit, two of its alarms swallowed by finalisers.
+OVERRUN_S = 1.0
 
 ADVERSARIAL = {
     "power tower": GOOD.format("$9^{9^{9^{9}}}$"),
@@ -41,7 +45,7 @@ def test_adversarial_completion_scores_zero_in_time(name):
     config = RewardConfig(num_workers=0, timeout_s=LIMIT)
     start = time.perf_counter()
     [result] = score_batch([ADVERSARIAL[name]], ["5"], config=config)
-    assert time.perf_counter() - start < LIMIT + 0.5
+    assert time.perf_counter() - start < LIMIT + OVERRUN_S
     assert result.accuracy == 0.0
 
 
@@ -94,7 +98,7 @@ def test_random_text_never_crashes(text, gold):
 def test_random_latex_never_crashes_or_hangs(text, gold):
     start = time.perf_counter()
     result = _score(GOOD.format(text), gold)
-    assert time.perf_counter() - start < LIMIT + 0.5
+    assert time.perf_counter() - start < LIMIT + OVERRUN_S
     assert result.accuracy in (0.0, 1.0) and result.format == (1.0 if text.strip() else 0.0)
 
 
