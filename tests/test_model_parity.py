@@ -6,8 +6,8 @@ testing default 0.5, transformers' own eager and sdpa float32 paths already diff
 on image prompts, so the bound would measure rounding noise instead of the port.
 
 Each model variant is built once per module and its prompts run through the port as ONE left-padded
-batch (eureka_jax.batching: the path the trainer and sampler use), against transformers on each
-prompt alone and on a left-padded batch of two.
+batch (processing/qwen_rows.py: the path the trainer and sampler use), against transformers on
+each prompt alone and on a left-padded batch of two.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The Qwen2.5-VL family: models/qwen2_5_vl.py, its HF name table (hf_io.py), its processor
-(processing/prompt.py), its prompt rows (batching.py), and here the conversion of transformers'
-processor arrays into the port's inputs and the transformers reference.
+(processing/prompt.py), its prompt rows (processing/qwen_rows.py), and here the conversion of
+transformers' processor arrays into the port's inputs and the transformers reference.
 
 Qwen2_5_VLProcessor returns one padded batch: `input_ids` and `attention_mask` (B, T), and, when
 there are images, `pixel_values` (all images' patch rows concatenated, in prompt order over the
 batch) and `image_grid_thw` (one row per image). The port instead takes one window-ordered patch
-stream per batch row (eureka_jax/batching.py). `port_inputs` converts the first into the second
+stream per batch row (processing/qwen_rows.py). `port_inputs` converts the first into the second
 without moving any token.
 """
 

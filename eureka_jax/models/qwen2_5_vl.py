@@ -122,7 +122,7 @@ class Qwen25VLConfig:
     remat: str = "none"  # none | full | dots: what each decoder layer keeps for the backward pass
     freeze_vision: bool = False  # stop gradients at the vision tower's output
     # Response positions whose [.., V] logits exist at once when log-probs are computed from
-    # hidden states (eureka_jax/batching.py); 0 = all of them. A 152k vocabulary makes the full
+    # hidden states (eureka_jax/policy.py); 0 = all of them. A 152k vocabulary makes the full
     # [B, L, V] float32 logits of a 4096-token response 2.5 GB per sequence.
     logits_chunk: int = 512
     attention_impl: str = "auto"  # auto | xla | dense | pallas_tpu | cudnn: see attention.py

@@ -10,8 +10,9 @@ static-shape layout the Flax model consumes. NumPy + PIL only (transformers for 
     positions_3x1xT, rope_deltas_1 = mrope_positions(ids_1xT, None, prompt.image_grid_thw, image_id)
 
 Modules: `image` (load, smart_resize, patches), `prompt` (chat template, image-pad expansion,
-tokenisation), `layout` (M-RoPE positions, vision window layout, buckets). eureka_jax.batching
-applies the layout per prompt row and pads rows into batches.
+tokenisation), `layout` (M-RoPE positions, vision window layout, buckets); `qwen_rows` applies
+the layout per prompt row and pads rows into batches. InternVL's: `internvl` (tiling, image
+tokens, rows). `examples`: a dataset record -> the family's prompt row (eureka_jax/families).
 """
 
 from eureka_jax.processing.image import (

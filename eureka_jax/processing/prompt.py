@@ -31,8 +31,8 @@ ImageSource = Image.Image | str | os.PathLike | bytes
 
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompt:
-    """One tokenised prompt and its images' patches in HF order (eureka_jax.batching lays them
-    out for the model)."""
+    """One tokenised prompt and its images' patches in HF order (processing/qwen_rows.py lays
+    them out for the model)."""
 
     input_ids: np.ndarray  # (T,) int32, image pads expanded
     image_grid_thw: np.ndarray  # (I, 3) int32, one row per image in prompt order
