@@ -140,8 +140,12 @@ def matmul_floor_s(model, rows: int, repeats: int, loops: int = 10) -> float:
     """Seconds per step of the decoding step's matrix products alone (every language-model
     projection, MLP and output-layer product at `rows` rows, chained as in a step, jitted): the
     compute ceiling a decoding step can reach on this machine with these weights."""
-    kernels = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-               if path[0] != "visual" and path[-1] == "kernel"]
+    kernels = []
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[0] != "visual" and path[-1] == "kernel":
+            value = v.get_value()
+            # Decoder layers are stacked (a leading layer axis): one kernel per layer.
+            kernels.extend(value if value.ndim == 3 else [value])
     if model.config.tie_word_embeddings:
         kernels.append(model.embed_tokens.get_value().T)
     highest = jax.lax.Precision.HIGHEST
