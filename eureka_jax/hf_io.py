@@ -386,14 +386,21 @@ def load_model(model: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     freeze_vision, attention_impl.
     """
     model_dir = resolve_model_dir(model)
-    config = read_config(model_dir, **runtime)
-    abstract = nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0)))
+    return load_weights(Qwen25VL, read_config(model_dir, **runtime), model_dir, mesh, rules,
+                        QWEN_NAMES)
+
+
+def load_weights(model_class, config, model_dir: Path, mesh: jax.sharding.Mesh | None,
+                 rules, names: NameTable):
+    """`model_class(config)` with its weights read from `model_dir` under `names`, each device
+    reading only its shards of each tensor when `mesh` is given (any family's loader)."""
+    abstract = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
         with sharding.activate(mesh, rules) as context:
             shardings = sharding.state_shardings(abstract_state, context)
-    state = load_params(model_dir, abstract_state, shardings)
+    state = load_params(model_dir, abstract_state, shardings, names=names)
     return nnx.merge(graphdef, state)
 
 
@@ -483,17 +490,19 @@ def copy_tokenizer_files(source_dir: Path, output: Path) -> None:
 def init_model(config: Qwen25VLConfig, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES,
                ) -> Qwen25VL:
     """A randomly initialised model, created directly in its shards when a mesh is given."""
+    return init_sharded(Qwen25VL, config, seed, mesh, rules)
+
+
+def init_sharded(model_class, config, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES):
+    """`model_class(config)` randomly initialised; with a mesh, created directly in its shards
+    (one jitted init whose outputs are the parameter shardings)."""
     if mesh is None:
-        return Qwen25VL(config, nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(seed)))
+        return model_class(config, nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     with sharding.activate(mesh, rules) as context:
         shardings = sharding.state_shardings(abstract_state, context)
-
-    @jax.jit
-    def make():
-        return nnx.split(Qwen25VL(config, nnx.Rngs(seed)))[1]
-
-    state = jax.jit(make, out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.split(model_class(config, nnx.Rngs(seed)))[1],
+                    out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 

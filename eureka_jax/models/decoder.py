@@ -72,6 +72,19 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def check_runtime_fields(config) -> None:
+    """InputError for a model config's runtime fields (the ones no checkpoint holds) that the
+    decoder cannot run with: param/compute dtype, remat policy, logits chunk, attention backend."""
+    for field in ("param_dtype", "compute_dtype"):
+        if getattr(config, field) not in DTYPES:
+            raise InputError(f"model.{field} must be one of {sorted(DTYPES)}")
+    if config.remat not in REMAT_POLICIES:
+        raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
+    if config.logits_chunk < 0:
+        raise InputError(f"model.logits_chunk must be >= 0 (got {config.logits_chunk})")
+    attention.check_implementation(config.attention_impl)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------

@@ -41,12 +41,12 @@ from eureka_jax import attention
 from eureka_jax.errors import InputError
 from eureka_jax.models.decoder import (
     DTYPES,
-    REMAT_POLICIES,
     CausalLM,
     Dense,
     RMSNorm,
     TextConfig,
     activation,
+    check_runtime_fields,
     inverse_frequencies,
     matmul_precision,
     mrope_cos_sin,
@@ -133,14 +133,7 @@ class InternVLConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        for field in ("param_dtype", "compute_dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise InputError(f"model.{field} must be one of {sorted(DTYPES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
-        if self.logits_chunk < 0:
-            raise InputError(f"model.logits_chunk must be >= 0 (got {self.logits_chunk})")
-        attention.check_implementation(self.attention_impl)
+        check_runtime_fields(self)
         text, vision = self.text, self.vision
         if self.text_model_type not in TEXT_MODEL_TYPES:
             raise InputError(f"text_config.model_type {self.text_model_type!r} is not supported: "

@@ -95,15 +95,8 @@ def load_model(model: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
     shards of each tensor when `mesh` is given. `runtime` sets InternVLConfig's runtime fields
     (param_dtype, compute_dtype, remat, freeze_vision, logits_chunk, attention_impl)."""
     model_dir = hf_io.resolve_model_dir(model)
-    config = read_config(model_dir, **runtime)
-    abstract = nnx.eval_shape(lambda: InternVL(config, nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = None
-    if mesh is not None:
-        with sharding.activate(mesh, rules) as context:
-            shardings = sharding.state_shardings(abstract_state, context)
-    state = hf_io.load_params(model_dir, abstract_state, shardings, names=NAMES)
-    return nnx.merge(graphdef, state)
+    return hf_io.load_weights(InternVL, read_config(model_dir, **runtime), model_dir, mesh, rules,
+                              NAMES)
 
 
 def hf_tensors(model: InternVL, dtype=None):
@@ -128,15 +121,7 @@ def export_model(model: InternVL, output_dir: str | os.PathLike, *,
 def init_model(config: InternVLConfig, seed: int = 0, mesh=None,
                rules=sharding.DEFAULT_RULES) -> InternVL:
     """A randomly initialised model, created directly in its shards when a mesh is given."""
-    if mesh is None:
-        return InternVL(config, nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: InternVL(config, nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    with sharding.activate(mesh, rules) as context:
-        shardings = sharding.state_shardings(abstract_state, context)
-    state = jax.jit(lambda: nnx.split(InternVL(config, nnx.Rngs(seed)))[1],
-                    out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    return hf_io.init_sharded(InternVL, config, seed, mesh, rules)
 
 
 def host_params(model: InternVL) -> dict[str, np.ndarray]:

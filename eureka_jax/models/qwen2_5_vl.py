@@ -42,13 +42,13 @@ from eureka_jax import attention
 from eureka_jax.errors import InputError
 from eureka_jax.models.decoder import (
     DTYPES,
-    REMAT_POLICIES,
     CausalLM,
     Dense,
     GatedMLP,
     RMSNorm,
     TextConfig,
     apply_rotary,
+    check_runtime_fields,
     inverse_frequencies,
     matmul_precision,
     normal,
@@ -128,14 +128,7 @@ class Qwen25VLConfig:
     attention_impl: str = "auto"  # auto | xla | dense | pallas_tpu | cudnn: see attention.py
 
     def __post_init__(self):
-        for field in ("param_dtype", "compute_dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise InputError(f"model.{field} must be one of {sorted(DTYPES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise InputError(f"model.remat must be one of {sorted(REMAT_POLICIES)}")
-        if self.logits_chunk < 0:
-            raise InputError(f"model.logits_chunk must be >= 0 (got {self.logits_chunk})")
-        attention.check_implementation(self.attention_impl)
+        check_runtime_fields(self)
         text, vision = self.text, self.vision
         if text.hidden_size % text.num_attention_heads:
             raise InputError("text hidden_size must be divisible by num_attention_heads")

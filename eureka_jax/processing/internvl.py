@@ -41,12 +41,12 @@ from PIL import Image
 from eureka_jax.batch import Buckets, PromptBatch
 from eureka_jax.errors import InputError
 from eureka_jax.models.internvl import InternVisionInputs
-from eureka_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, to_rgb
+from eureka_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 from eureka_jax.processing.prompt import (
     ImageSource,
-    _is_image_item,
-    _is_video_item,
     _read_chat_template,
+    message_images,
+    render_chat,
 )
 
 # The special tokens of InternVL tokenizers (the HF-format ones name them in tokenizer_config.json
@@ -365,17 +365,8 @@ class InternVLPromptProcessor:
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                ) -> str:
-        """The chat template's text, one image token per image item."""
-        stripped = [
-            {**message, "content": [{"type": "image"} if _is_image_item(item) else item
-                                    for item in message["content"]]}
-            if isinstance(message.get("content"), list) else message
-            for message in messages
-        ]
-        return self.tokenizer.apply_chat_template(
-            stripped, chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        """The chat template's text, one image placeholder per image item."""
+        return render_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt)
 
     def image_tokens(self, num_tiles: int) -> str:
         """What one image of `num_tiles` tiles becomes in the text."""
@@ -400,14 +391,7 @@ class InternVLPromptProcessor:
             raise ValueError("pass either messages or question")
         if messages is None:
             messages = self.build_messages(question, system=system, images=list(images))
-        pil_images = []
-        for message in messages:
-            content = message.get("content")
-            for item in content if isinstance(content, list) else ():
-                if _is_video_item(item):
-                    raise InputError(f"{name}: video inputs are not supported; drop the record")
-                if _is_image_item(item):
-                    pil_images.append(self._image_of(item, name, len(pil_images)))
+        pil_images = message_images(messages, name)
         text = self.render(messages, add_generation_prompt)
         placeholders = text.count(self.image_token)
         if placeholders != len(pil_images):
@@ -455,20 +439,6 @@ class InternVLPromptProcessor:
         tiles = (np.concatenate(per_image) if per_image
                  else np.zeros((0, 3, s, s), dtype=np.float32))
         return InternVLEncodedPrompt(input_ids, token_source, tiles, tiles_per_image, text)
-
-    def _image_of(self, item: dict[str, Any], name: str, index: int) -> Image.Image:
-        value = item.get("image")
-        if value is None and "image_url" in item:
-            url = item["image_url"]
-            value = url.get("url") if isinstance(url, dict) else url
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, (bytes, bytearray)):
-            return load_image(value, name=f"{name} image {index} (bytes)")
-        if isinstance(value, (str, os.PathLike)):
-            return load_image(value, name=f"{name} image {index} ({os.fspath(value)})")
-        raise InputError(f"{name} image {index}: image content item has no image (got "
-                         f"{type(value).__name__}); put a path, bytes or PIL image under 'image'")
 
 
 # ----------------------------------------------------------------------------- prompt rows

@@ -55,6 +55,51 @@ def _is_video_item(item: Any) -> bool:
     return isinstance(item, dict) and (item.get("type") == "video" or "video" in item)
 
 
+def render_chat(tokenizer, chat_template: str, messages: Sequence[dict[str, Any]],
+                add_generation_prompt: bool = True) -> str:
+    """The chat template's text, one image placeholder per image item (image objects are
+    replaced by a bare marker: the template only tests for the item)."""
+    stripped = [
+        {**message, "content": [{"type": "image"} if _is_image_item(item) else item
+                                for item in message["content"]]}
+        if isinstance(message.get("content"), list) else message
+        for message in messages
+    ]
+    return tokenizer.apply_chat_template(
+        stripped, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def message_images(messages: Sequence[dict[str, Any]], name: str) -> list[Image.Image]:
+    """The PIL images of a chat's image items, in order (paths and bytes are loaded); a video
+    item is an InputError naming the record."""
+    images = []
+    for message in messages:
+        content = message.get("content")
+        for item in content if isinstance(content, list) else ():
+            if _is_video_item(item):
+                raise InputError(f"{name}: video inputs are not supported; drop the record")
+            if _is_image_item(item):
+                images.append(_image_of(item, name, len(images)))
+    return images
+
+
+def _image_of(item: dict[str, Any], name: str, index: int) -> Image.Image:
+    value = item.get("image")
+    if value is None and "image_url" in item:
+        url = item["image_url"]
+        value = url.get("url") if isinstance(url, dict) else url
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return load_image(value, name=f"{name} image {index} (bytes)")
+    if isinstance(value, (str, os.PathLike)):
+        return load_image(value, name=f"{name} image {index} ({os.fspath(value)})")
+    raise InputError(f"{name} image {index}: image content item has no image (got "
+                     f"{type(value).__name__}); put a path, bytes or PIL image under 'image'")
+
+
 def _read_image_settings(path: Path, min_pixels: int | None, max_pixels: int | None):
     """Image settings as Qwen2VLImageProcessor reads preprocessor_config.json: `size`
     {shortest_edge, longest_edge} first, then top-level min_pixels / max_pixels override it."""
@@ -162,17 +207,7 @@ class QwenVLProcessor:
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                ) -> str:
         """The chat template's text, one image placeholder per image item."""
-        # Image objects are replaced by a bare marker: the template only tests for the item.
-        stripped = [
-            {**message, "content": [{"type": "image"} if _is_image_item(item) else item
-                                    for item in message["content"]]}
-            if isinstance(message.get("content"), list) else message
-            for message in messages
-        ]
-        return self.tokenizer.apply_chat_template(
-            stripped, chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        return render_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt)
 
     def encode(
         self,
@@ -192,14 +227,7 @@ class QwenVLProcessor:
             raise ValueError("pass either messages or question")
         if messages is None:
             messages = self.build_messages(question, system=system, images=list(images))
-        pil_images = []
-        for message in messages:
-            content = message.get("content")
-            for item in content if isinstance(content, list) else ():
-                if _is_video_item(item):
-                    raise InputError(f"{name}: video inputs are not supported; drop the record")
-                if _is_image_item(item):
-                    pil_images.append(self._image_of(item, name, len(pil_images)))
+        pil_images = message_images(messages, name)
         text = self.render(messages, add_generation_prompt)
 
         patches, grids = [], []
@@ -235,17 +263,3 @@ class QwenVLProcessor:
             )
         grid_array = (np.stack(grids) if grids else np.zeros((0, 3))).astype(np.int32)
         return EncodedPrompt(input_ids, grid_array, patches, text)
-
-    def _image_of(self, item: dict[str, Any], name: str, index: int) -> Image.Image:
-        value = item.get("image")
-        if value is None and "image_url" in item:
-            url = item["image_url"]
-            value = url.get("url") if isinstance(url, dict) else url
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, (bytes, bytearray)):
-            return load_image(value, name=f"{name} image {index} (bytes)")
-        if isinstance(value, (str, os.PathLike)):
-            return load_image(value, name=f"{name} image {index} ({os.fspath(value)})")
-        raise InputError(f"{name} image {index}: image content item has no image (got "
-                         f"{type(value).__name__}); put a path, bytes or PIL image under 'image'")
