@@ -78,13 +78,22 @@ def abstract_like(tree: Any) -> Any:
         tree)
 
 
-def pack_arrays(arrays: dict[str, np.ndarray]) -> str:
-    """NumPy arrays -> one base64 string for a JSON checkpoint item (no pickles)."""
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """NumPy arrays -> the bytes of one .npz (no pickles)."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def arrays_of_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """NumPy arrays -> one base64 string for a JSON checkpoint item (no pickles)."""
+    return base64.b64encode(npz_bytes(arrays)).decode("ascii")
 
 
 def unpack_arrays(packed: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(base64.b64decode(packed)), allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    return arrays_of_npz(base64.b64decode(packed))

@@ -127,3 +127,20 @@ def gather_shares(local, count: int):
     padded = np.zeros((per, *local.shape[1:]), local.dtype)
     padded[:len(local)] = local
     return np.asarray(multihost_utils.process_allgather(padded, tiled=True))[:count]
+
+
+def gather_bytes(local: bytes) -> list[bytes]:
+    """Every process's `local` bytes, in process order, on every process; a collective that
+    every process must call (one for the lengths, one for the padded bytes)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [local]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(local)]))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(local)] = np.frombuffer(local, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [every[p, :size].tobytes() for p, size in enumerate(sizes)]

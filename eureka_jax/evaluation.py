@@ -13,7 +13,7 @@ from eureka_jax import distributed, families
 from eureka_jax.batch import Buckets
 from eureka_jax.data import load_records
 from eureka_jax.errors import InputError
-from eureka_jax.processing.examples import make_preprocess
+from eureka_jax.processing.examples import gather_examples, make_preprocess
 from eureka_jax.sampler import Sampler, SamplingConfig, decode_texts
 
 
@@ -38,7 +38,13 @@ class Evaluator:
         if not records:
             raise InputError(f"{data}: no evaluation records")
         preprocess = make_preprocess(processor, model_config, system_prompt, max(buckets.lengths))
-        self.examples = [preprocess(r) for r in records]
+        # Each process preprocesses its share of every batch; the shares are gathered, so
+        # every process holds the whole set.
+        self.examples = []
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            self.examples += gather_examples(
+                [preprocess(r) for r in batch[distributed.own_share(len(batch))]])
         self.batch_size = batch_size
         self.buckets = buckets
         self.processor = processor

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct as pystruct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,9 +29,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from eureka_jax import sharding
+from eureka_jax import distributed, sharding
 from eureka_jax.errors import InputError
 from eureka_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from eureka_jax.workdirs import as_path
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -215,13 +215,14 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata=None)
     header["__metadata__"] = metadata or {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data section
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    path = as_path(path)
+    tmp = path.parent / (path.name + ".tmp")
+    with tmp.open("wb") as f:
         f.write(pystruct.pack("<Q", len(blob)))
         f.write(blob)
         for array in tensors.values():
             f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -426,7 +427,9 @@ def param_tensors(model: nnx.Module, names: NameTable, conv_shape: tuple[int, ..
         layers = range(value.shape[0]) if names.is_stacked(path) else [None]
         for layer in layers:
             key, layout = names.path_to_hub_key(path, layer)
-            array = np.asarray(jax.device_get(value if layer is None else value[layer]))
+            # to_host gathers a parameter sharded over several processes (every process runs
+            # this loop: the gather is a collective).
+            array = np.asarray(distributed.to_host(value if layer is None else value[layer]))
             if dtype is not None:
                 array = array.astype(dtype)
             hf_shape = (array.shape[1], *conv_shape) if layout == "conv" else None
@@ -449,17 +452,24 @@ def write_checkpoint(output_dir: str | os.PathLike, tensors: Iterable[tuple[str,
                      hf_config: dict, *, source_dir: str | os.PathLike | None = None,
                      dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> Path:
     """A HF directory from (key, array) pairs: safetensors shards (+ index), config.json (its
-    torch_dtype set to `dtype` when given) and the source directory's tokenizer files."""
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    torch_dtype set to `dtype` when given) and the source directory's tokenizer files. Anywhere
+    etils.epath writes (gs:// on a TPU VM). On several processes every one must call this (the
+    arrays are gathered as they are read) and process 0 alone writes."""
+    output = as_path(output_dir)
+    primary = distributed.is_primary()
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key, array in tensors:
+        if not primary:
+            continue
         if shards[-1] and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = array
         size += array.nbytes
+    if not primary:
+        return output
+    output.mkdir(parents=True, exist_ok=True)
     if len(shards) == 1:
         write_safetensors(output / "model.safetensors", shards[0])
     else:
@@ -476,15 +486,15 @@ def write_checkpoint(output_dir: str | os.PathLike, tensors: Iterable[tuple[str,
         config["torch_dtype"] = dtype
     (output / "config.json").write_text(json.dumps(config, indent=2))
     if source_dir is not None:
-        copy_tokenizer_files(Path(source_dir), output)
+        copy_tokenizer_files(as_path(source_dir), output)
     return output
 
 
-def copy_tokenizer_files(source_dir: Path, output: Path) -> None:
+def copy_tokenizer_files(source_dir, output) -> None:
     for name in TOKENIZER_FILES:
-        source, target = source_dir / name, output / name
-        if source.exists() and source.resolve() != target.resolve():
-            shutil.copy2(source, target)
+        source, target = as_path(source_dir) / name, as_path(output) / name
+        if source.exists() and os.fspath(source) != os.fspath(target):
+            source.copy(target, overwrite=True)
 
 
 def init_model(config: Qwen25VLConfig, seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES,

@@ -45,25 +45,18 @@ class ScoredGroup:
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """Flat arrays for a checkpoint: every field of the row (with its family's name) and of
         the group."""
-        arrays = {f"{prefix}/row/{f.name}": np.asarray(getattr(self.row, f.name))
-                  for f in dataclasses.fields(self.row)}
-        arrays[f"{prefix}/family"] = np.asarray(families.for_row(self.row).name)
+        arrays = families.row_to_arrays(self.row, prefix)
         arrays.update({f"{prefix}/{f}": getattr(self, f) for f in self._GROUP_FIELDS})
         arrays[f"{prefix}/record_id"] = np.asarray(self.record_id)
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> ScoredGroup:
-        if f"{prefix}/family" in arrays:
-            family = families.get(str(arrays[f"{prefix}/family"]))
-        else:  # checkpoints written before model families: Qwen2.5-VL rows
-            family = families.get("qwen2_5_vl")
-            arrays = {**arrays, f"{prefix}/row/next_position": arrays[f"{prefix}/next_position"]}
-        row_fields = {}
-        for field in dataclasses.fields(family.row_class):
-            value = np.asarray(arrays[f"{prefix}/row/{field.name}"])
-            row_fields[field.name] = value.item() if value.ndim == 0 else value
-        return cls(row=family.row_class(**row_fields), record_id=str(arrays[f"{prefix}/record_id"]),
+        if f"{prefix}/family" not in arrays:  # written before model families: Qwen2.5-VL rows
+            arrays = {**arrays, f"{prefix}/family": np.asarray("qwen2_5_vl"),
+                      f"{prefix}/row/next_position": arrays[f"{prefix}/next_position"]}
+        return cls(row=families.row_from_arrays(arrays, prefix),
+                   record_id=str(arrays[f"{prefix}/record_id"]),
                    **{f: arrays[f"{prefix}/{f}"] for f in cls._GROUP_FIELDS})
 
 

@@ -37,7 +37,7 @@ from eureka_jax.data import PipelineConfig, make_pipeline, open_source
 from eureka_jax.errors import InputError
 from eureka_jax.evaluation import Evaluator
 from eureka_jax.metrics import MetricsWriter, NullWriter, plot_curves
-from eureka_jax.processing.examples import make_preprocess
+from eureka_jax.processing.examples import gather_examples, make_preprocess
 from eureka_jax.rewards import RewardConfig, RewardPool
 from eureka_jax.rl_config import RLConfig
 from eureka_jax.rollout import (
@@ -335,17 +335,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         preprocess = make_preprocess(processor, model_config=model_config,
                                      system_prompt=config.data.system_prompt,
                                      max_prompt_length=max(buckets.lengths))
-        # Every process reads the whole dataset in the same seeded order (one shard), so a step
-        # trains on the same records whatever the number of processes, each process's iterator
-        # is in the same state, and the one state in the checkpoint resumes them all.
+        # Every process walks the same seeded order of all records and loads and preprocesses
+        # only its share of each rollout chunk; the shares are gathered into the rollout one
+        # process would read, so a step trains on the same records whatever the number of
+        # processes. Each process's iterator state goes into the checkpoint.
+        chunk, share = _chunk_share(loop)
         source = open_source(config.data.train)
         pipeline = make_pipeline(source, preprocess, PipelineConfig(
-            batch_size=loop.prompts_per_rollout, seed=config.seed, shuffle=True,
-            num_epochs=None, skip_bad_records=config.data.skip_bad_records,
-            num_threads=config.data.num_threads), process_index=0, process_count=1)
+            batch_size=loop.prompts_per_rollout * share // chunk, seed=config.seed,
+            shuffle=True, num_epochs=None, skip_bad_records=config.data.skip_bad_records,
+            num_threads=config.data.num_threads),
+            chunk_share=(chunk, jax.process_index() * share, (jax.process_index() + 1) * share))
         data_iter = iter(pipeline)
         if host:
-            data_iter.set_state(host["data_iterator"])
+            data_iter.set_state(_own_iterator_state(host, checkpointer.directory))
 
         # -- Sampler, rewards, evaluation ------------------------------------------------------
         tokenizer = processor.tokenizer
@@ -400,7 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 for rollout in range(loop.max_rollouts_per_step):
                     if rollout > 0 and len(fresh) + len(carried) >= loop.groups_per_step:
                         break
-                    examples = next(data_iter)
+                    examples = gather_examples(next(data_iter), share)
                     seed = _rollout_seed(config.seed, step, rollout)
                     groups, rollout_metrics, samples = worker.run(params, examples, seed)
                     fresh.extend(groups)
@@ -455,7 +458,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 checkpointer.preempted = distributed.any_process(checkpointer.preempted)
                 if checkpointer.should_save(step) or step == loop.num_steps:
                     checkpointer.save(step, {"params": params, "opt_state": opt_state}, {
-                        "data_iterator": data_iter.get_state(),
+                        "data_iterators": [json.loads(state) for state in distributed.gather_bytes(
+                            json.dumps(data_iter.get_state()).encode())],
                         "carried_groups": pack_arrays(pack_groups(carried)),
                     })
                 if checkpointer.preempted:
@@ -468,6 +472,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if primary:
             plot_curves(workdir)
         return last
+
+
+def _chunk_share(loop: LoopConfig) -> tuple[int, int]:
+    """(prompts per sampler call, how many of them each process loads)."""
+    chunk, processes = loop.rollout_chunk or loop.prompts_per_rollout, jax.process_count()
+    if processes > 1 and (chunk % processes or loop.prompts_per_rollout % chunk):
+        raise InputError(
+            f"{processes} processes share every rollout chunk of {chunk} prompts equally: make "
+            f"train.rollout_chunk (or train.prompts_per_rollout when it is 0) a multiple of "
+            f"{processes}, and train.prompts_per_rollout ({loop.prompts_per_rollout}) a "
+            "multiple of the chunk")
+    return chunk, chunk // processes
+
+
+def _own_iterator_state(host: dict[str, Any], directory) -> dict[str, Any]:
+    """This process's data-iterator state from a checkpoint's host state (checkpoints written
+    before per-process states hold one, of a one-process run)."""
+    states = host.get("data_iterators") or [host["data_iterator"]]
+    if len(states) != jax.process_count():
+        raise InputError(
+            f"{directory}: the checkpoint was written by {len(states)} process(es); resume it "
+            f"with as many (this run has {jax.process_count()}), or start a new workdir")
+    return states[jax.process_index()]
 
 
 def _samples_from_policy(sampling: SamplingConfig) -> bool:
@@ -514,6 +541,14 @@ def _check_finite(step: int, metrics: dict[str, list[float]]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_mesh():
+    """None on one process (a model on the first device); on several, a mesh that spreads the
+    parameters over every process's devices (fsdp), which commands that load one model use."""
+    if jax.process_count() == 1:
+        return None
+    return sharding.make_mesh((1, -1, 1))
+
+
 def checkpoint_paths(checkpoint: str | os.PathLike) -> tuple[epath.Path, int]:
     """(run workdir, step) for WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
     path = as_path(checkpoint)
@@ -529,8 +564,10 @@ def checkpoint_paths(checkpoint: str | os.PathLike) -> tuple[epath.Path, int]:
                      "WORKDIR/checkpoints or WORKDIR/checkpoints/STEP with complete checkpoints)")
 
 
-def load_trained_model(checkpoint: str | os.PathLike, **runtime):
-    """(model, source HF dir for tokenizer files) from a training checkpoint."""
+def load_trained_model(checkpoint: str | os.PathLike, mesh=None, **runtime):
+    """(model, source HF dir for tokenizer files) from a training checkpoint: on this process's
+    first device, or sharded over `mesh` (a run of several processes needs a mesh over all
+    their devices: `default_mesh()`)."""
     workdir, step = checkpoint_paths(checkpoint)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     source = hf_io.resolve_model_dir(config.model.path)
@@ -542,9 +579,19 @@ def load_trained_model(checkpoint: str | os.PathLike, **runtime):
     tx, _ = make_optimizer(config.optim, 1)
     abstract_opt = jax.eval_shape(
         tx.init, split_trainable(abstract_params, config.optim.freeze_vision)[0])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          {"params": abstract_params, "opt_state": abstract_opt})
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              {"params": abstract_params, "opt_state": abstract_opt})
+    else:
+        with sharding.activate(mesh) as context:
+            param_shardings = sharding.state_shardings(abstract_params, context)
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              abstract_params, param_shardings)
+        trainable = split_trainable(params, config.optim.freeze_vision)[0]
+        opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           abstract_opt, optimizer_shardings(tx, trainable))
+        target = {"params": params, "opt_state": opt}
     checkpointer = Checkpointer(workdir / "checkpoints", every_steps=0, keep=1000,
                                 async_save=False)
     try:

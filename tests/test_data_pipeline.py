@@ -99,6 +99,30 @@ def test_processes_get_disjoint_equal_shards(source):
     assert [set(s) for s in shards] == expected
 
 
+def test_chunk_shares_interleave_to_the_one_process_order(tmp_path):
+    """2 processes taking halves of every chunk of 4 rebuild the one-process order of records,
+    across epochs."""
+    lines = [json.dumps({"id": f"r{i:02d}", "question": "Q?", "answer": "1"}) + "\n"
+             for i in range(18)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    source = open_source(tmp_path / "d.jsonl")
+
+    def ids(chunk_share, batch_size):
+        pipeline = make_pipeline(source, record_id, PipelineConfig(
+            batch_size=batch_size, seed=3, num_threads=0), chunk_share=chunk_share)
+        iterator = iter(pipeline)
+        return _ids(next(iterator) for _ in range(10))
+
+    whole = ids((4, 0, 4), 4)
+    halves = [ids((4, 0, 2), 2), ids((4, 2, 4), 2)]
+    rebuilt = [i for chunk in range(10) for half in halves for i in half[2 * chunk:2 * chunk + 2]]
+    assert rebuilt == whole
+    assert sorted(whole[:18]) == [f"r{i:02d}" for i in range(18)]  # one shuffled epoch
+    assert whole[18:36] != whole[:18]
+    with pytest.raises(ValueError, match="empty or outside"):
+        make_pipeline(source, record_id, PipelineConfig(batch_size=1), chunk_share=(4, 3, 5))
+
+
 def test_too_little_data_is_an_input_error(source):
     with pytest.raises(InputError, match="less than one batch"):
         _pipeline(source, batch_size=30, num_epochs=1)

@@ -111,6 +111,28 @@ def test_carried_groups_round_trip_through_checkpoint_arrays(qwen_dir):
         _assert_groups_equal(ours, theirs)
 
 
+def test_examples_round_trip_through_the_bytes_processes_exchange(qwen_dir):
+    from eureka_jax.processing.examples import (
+        Example,
+        examples_from_bytes,
+        examples_to_bytes,
+        gather_examples,
+    )
+
+    examples = [Example(row=_qwen_row(qwen_dir, "What is 2+2?", False), record_id="a",
+                        answer="4", index=3, extra={"source": "x", "level": 2}),
+                Example(row=_qwen_row(qwen_dir, "Colour?", True), record_id="b", answer="red",
+                        index=11)]
+    restored = examples_from_bytes(examples_to_bytes(examples))
+    for ours, theirs in zip(restored, examples, strict=True):
+        assert (ours.record_id, ours.answer, ours.index, ours.extra) == (
+            theirs.record_id, theirs.answer, theirs.index, theirs.extra)
+        _assert_groups_equal(_group(ours.row, 0), _group(theirs.row, 0))
+    assert gather_examples(examples, share=1) == examples  # one process: as it is
+    with pytest.raises(ValueError, match="not whole shares"):
+        gather_examples(examples, share=3)
+
+
 # Files that belong to a model family (its model, checkpoint I/O, processor and prompt rows,
 # plug-in module) and the shared decoder pieces they build on.
 FAMILY_FILES = {

@@ -6,6 +6,7 @@ Each launcher test starts two small processes (a few seconds each on a busy mach
 runs take a minute or two); every subprocess has a timeout, so a hang fails the test instead of
 stalling the suite."""
 
+import json
 import math
 import os
 import signal
@@ -67,7 +68,8 @@ TRAIN_TIMEOUT = 400
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """(overrides naming the model and data, metrics by step of a 2 x 4 launcher run)."""
+    """(overrides naming the model and data, metrics by step of a 2 x 4 launcher run, its
+    workdir)."""
     root = tmp_path_factory.mktemp("multihost_train")
     model_dir = testing.make_hf_model_dir(root / "model", initializer_range=0.2)
     data = make_synthetic(root / "data", num_train=32, num_eval=8, seed=0,
@@ -78,7 +80,7 @@ def tiny_run(tmp_path_factory):
     done = subprocess.run(train_command(workdir, overrides), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return overrides, by_step(workdir)
+    return overrides, by_step(workdir), workdir
 
 
 def train_command(workdir, overrides):
@@ -112,7 +114,7 @@ def assert_same_run(a, b):
 
 
 def test_two_processes_train_like_one(tiny_run, tmp_path):
-    overrides, two = tiny_run
+    overrides, two, _ = tiny_run
     config = load_config_file(TINY, "smoke")
     for key, value in overrides.items():
         section, field = key.split(".")
@@ -124,7 +126,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
 
 
 def test_resume_after_one_process_is_killed(tiny_run, tmp_path):
-    overrides, uninterrupted = tiny_run
+    overrides, uninterrupted, _ = tiny_run
     workdir = tmp_path / "run"
     launcher = subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,7 +154,7 @@ def test_resume_after_one_process_is_killed(tiny_run, tmp_path):
 
 def test_sigterm_to_one_process_stops_both_after_the_same_checkpoint(tiny_run, tmp_path):
     """A preemption notice reaches one host first: both save the same step and exit cleanly."""
-    overrides, _ = tiny_run
+    overrides, _, _ = tiny_run
     workdir = tmp_path / "run"
     launcher = subprocess.Popen(train_command(workdir, overrides), cwd=ROOT, env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,6 +173,33 @@ def test_sigterm_to_one_process_stops_both_after_the_same_checkpoint(tiny_run, t
              if "SIGTERM: checkpoint saved at step" in line]
     assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]
     assert int(saved[0].split(";")[0]) < 4
+
+
+def test_export_and_eval_on_two_processes(tiny_run, tmp_path):
+    """The trained run exported and evaluated by 2 processes (parameters spread over both,
+    gathered as they are written; eval shared) equals what one process writes; only process 0
+    writes and prints."""
+    overrides, _, workdir = tiny_run
+    eval_args = ["--data", overrides["eval.data"], "--max-new-tokens", "24", "--batch-size", "4",
+                 "--system", overrides["data.system_prompt"]]
+    cli_args = {"export": ["--checkpoint", str(workdir)], "eval": ["--model", str(workdir)]}
+    for name, output in (("export", "hf"), ("eval", "results.json")):
+        extra = eval_args if name == "eval" else []
+        done = launch(2, 4, sys.executable, "-m", "eureka_jax.cli", name, *cli_args[name],
+                      "--output", str(tmp_path / "two" / output), *extra, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        printed = [line for line in done.stdout.splitlines() if line.startswith("[")]
+        assert printed and all(line.startswith("[0] ") for line in printed), done.stdout
+        assert cli.main([name, *cli_args[name], "--output", str(tmp_path / "one" / output),
+                         *extra]) == 0
+    one_hf, two_hf = tmp_path / "one" / "hf", tmp_path / "two" / "hf"
+    assert sorted(p.name for p in one_hf.iterdir()) == sorted(p.name for p in two_hf.iterdir())
+    for path in one_hf.iterdir():
+        assert path.read_bytes() == (two_hf / path.name).read_bytes(), path.name
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert {k: v for k, v in one.items() if k != "model"} == {
+        k: v for k, v in two.items() if k != "model"}
+    assert one["num_examples"] == 8
 
 
 def training_pid(workdir, process_id):

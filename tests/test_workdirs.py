@@ -15,7 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eureka_jax"
 # The modules that build paths from a run's workdir (checkpoints, metrics, TensorBoard, plots,
 # the saved config, eval output).
 WORKDIR_MODULES = ("workdirs.py", "checkpointing.py", "metrics.py", "train.py", "sft.py",
-                   "commands/train.py", "commands/evaluate.py")
+                   "commands/train.py", "commands/evaluate.py", "commands/export.py")
+# Functions of modules that also read local files (a model directory) which write an export.
+EXPORT_WRITERS = {"hf_io.py": ("write_safetensors", "write_checkpoint", "copy_tokenizer_files")}
 LOCAL_ONLY_CALLS = {"Path", "pathlib.Path", "open", "io.open", "os.makedirs", "os.mkdir",
                     "os.path.join", "os.path.abspath", "os.path.exists", "os.path.isdir"}
 
@@ -32,6 +34,16 @@ def test_workdir_modules_make_no_local_only_paths(module):
     local = [(line, name) for line, name in _called_names(ast.parse(source))
              if name in LOCAL_ONLY_CALLS]
     assert not local, f"{module}: use eureka_jax.workdirs.as_path instead of {local}"
+
+
+@pytest.mark.parametrize("module", sorted(EXPORT_WRITERS))
+def test_export_writers_make_no_local_only_paths(module):
+    functions = {node.name: node for node in ast.walk(ast.parse((PACKAGE / module).read_text()))
+                 if isinstance(node, ast.FunctionDef)}
+    for name in EXPORT_WRITERS[module]:
+        local = [(line, call) for line, call in _called_names(functions[name])
+                 if call in LOCAL_ONLY_CALLS | {"os.replace", "shutil.copy2"}]
+        assert not local, f"{module}:{name}: use eureka_jax.workdirs.as_path, not {local}"
 
 
 def test_gs_paths_keep_their_scheme():

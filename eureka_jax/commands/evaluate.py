@@ -4,6 +4,7 @@ same reward code as training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -40,20 +41,23 @@ def main(argv: list[str]) -> int:
 
     import jax
 
-    from eureka_jax import families, hf_io
+    from eureka_jax import distributed, families, hf_io, sharding
     from eureka_jax.data import MMEUREKA_SYSTEM_PROMPT
     from eureka_jax.errors import InputError
     from eureka_jax.evaluation import Evaluator
     from eureka_jax.rewards import RewardConfig, RewardPool
-    from eureka_jax.train import checkpoint_paths, load_trained_model
+    from eureka_jax.train import checkpoint_paths, default_mesh, load_trained_model
 
+    # On several processes the model is spread over all of them, each preprocesses and scores
+    # its share of every batch, and process 0 writes the results.
+    mesh = default_mesh()
     try:
         try:
             checkpoint_paths(args.model)
-            model, source = load_trained_model(args.model)
+            model, source = load_trained_model(args.model, mesh=mesh)
         except InputError:
             source = hf_io.resolve_model_dir(args.model)
-            model = families.for_model_dir(source).load_model(source)
+            model = families.for_model_dir(source).load_model(source, mesh=mesh)
         family = families.for_config(model.config)
         processor = family.load_processor(source, families.ImageOptions(
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_tiles=args.max_tiles))
@@ -63,14 +67,23 @@ def main(argv: list[str]) -> int:
         buckets = Buckets(
             lengths=tuple(int(x) for x in args.length_buckets.split(",")),
             patches=tuple(int(x) for x in args.patch_buckets.split(",")))
-        with RewardPool(RewardConfig()) as pool:
+        if mesh is None:
+            def put_on_device(tree):
+                return jax.tree.map(jax.numpy.asarray, tree)
+        else:
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+            def put_on_device(tree):
+                return jax.device_put(tree, replicated)
+        with RewardPool(RewardConfig()) as pool, (
+                sharding.activate(mesh) if mesh is not None else contextlib.nullcontext()):
             evaluator = Evaluator(
                 graphdef=graphdef, processor=processor, model_config=model.config,
                 data=args.data, max_examples=args.max_examples, batch_size=args.batch_size,
                 buckets=buckets,
                 system_prompt=args.system if args.system is not None else MMEUREKA_SYSTEM_PROMPT,
                 max_new_tokens=args.max_new_tokens, stop_token_ids=processor.stop_token_ids,
-                reward_pool=pool, put_on_device=lambda tree: jax.tree.map(jax.numpy.asarray, tree),
+                reward_pool=pool, put_on_device=put_on_device,
                 num_samples=args.num_samples, temperature=args.temperature, seed=args.seed)
             result = evaluator.run(params)
     except InputError as error:
@@ -78,6 +91,7 @@ def main(argv: list[str]) -> int:
         return 2
     summary = {"accuracy": result.accuracy, f"pass@{args.num_samples}": result.pass_at_k,
                "num_examples": len(result.items), "model": args.model, "data": args.data}
-    as_path(args.output).write_text(json.dumps({**summary, "items": result.items}, indent=2))
-    print(json.dumps(summary))
+    if distributed.is_primary():
+        as_path(args.output).write_text(json.dumps({**summary, "items": result.items}, indent=2))
+        print(json.dumps(summary))
     return 0

@@ -23,15 +23,19 @@ def main(argv: list[str]) -> int:
                         help="weights dtype in the export (default: as trained)")
     args = parser.parse_args(argv)
     from eureka_jax import families
+    from eureka_jax.distributed import is_primary
     from eureka_jax.errors import InputError
-    from eureka_jax.train import load_trained_model
+    from eureka_jax.train import default_mesh, load_trained_model
 
     try:
-        model, source = load_trained_model(args.checkpoint)
+        # On several processes the parameters are spread over all of them and gathered as they
+        # are written; process 0 writes.
+        model, source = load_trained_model(args.checkpoint, mesh=default_mesh())
         output = families.for_config(model.config).export_model(
             model, args.output, source_dir=source, dtype=args.dtype)
     except InputError as error:
         print(f"eureka-jax export: {error}", file=sys.stderr)
         return 2
-    print(f"exported to {output}")
+    if is_primary():
+        print(f"exported to {output}")
     return 0

@@ -8,8 +8,11 @@
 
 Each process reads a disjoint, equally long shard of the records (records[i::n] with the remainder
 dropped, so every process runs the same number of steps), shuffled afresh every epoch with the
-same seed on all processes. Records are loaded and preprocessed in `num_threads` threads (and
-optionally `num_workers` processes); order stays deterministic either way.
+same seed on all processes. Or, with `chunk_share=(chunk, start, stop)`, every process walks the
+same order of all records and takes positions [start, stop) of every `chunk` consecutive ones: the
+training run's way, so that a rollout holds the same records whatever the number of processes
+(eureka_jax/train.py gathers the shares). Records are loaded and preprocessed in `num_threads`
+threads (and optionally `num_workers` processes); order stays deterministic either way.
 
 `preprocess(record)` receives the record with its images decoded to RGB PIL images. It may raise
 BadRecordError (e.g. for a prompt that is too long); such records follow the same policy as the
@@ -72,8 +75,12 @@ def make_pipeline(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    chunk_share: tuple[int, int, int] | None = None,
 ) -> grain.IterDataset:
-    """The pipeline for this process (defaults: jax.process_index() / jax.process_count())."""
+    """The pipeline for this process (defaults: jax.process_index() / jax.process_count()).
+    `chunk_share` replaces the record shards: see the module docstring."""
+    if chunk_share is not None:
+        process_index, process_count = 0, 1
     if process_index is None or process_count is None:
         import jax  # only here: the pipeline itself runs without accelerators
 
@@ -95,6 +102,8 @@ def make_pipeline(
         dataset = dataset.shuffle(seed=config.seed)
     # repeat() after shuffle: grain reseeds the shuffle per epoch from the element index.
     dataset = dataset.repeat(config.num_epochs)
+    if chunk_share is not None:
+        dataset = _ShareOfEveryChunk(dataset, *chunk_share)
     dataset = dataset.map(_PrepareExample(source, preprocess, config.skip_bad_records))
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(
@@ -111,6 +120,29 @@ def make_pipeline(
             grain.MultiprocessingOptions(num_workers=config.num_workers)
         )
     return _BatchGoodExamples(iter_dataset, config.batch_size, config.drop_remainder)
+
+
+class _ShareOfEveryChunk(grain.MapDataset):
+    """Positions [start, stop) of every `chunk` consecutive elements of the parent."""
+
+    def __init__(self, parent: grain.MapDataset, chunk: int, start: int, stop: int):
+        super().__init__(parent)
+        if not 0 <= start < stop <= chunk:
+            raise ValueError(f"a share [{start}, {stop}) of chunks of {chunk} is empty or "
+                             "outside the chunk")
+        self._chunk, self._start, self._share = chunk, start, stop - start
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._chunk * self._share
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        chunk, offset = divmod(index, self._share)
+        return self._parent[chunk * self._chunk + self._start + offset]
+
+    def __str__(self) -> str:
+        return f"_ShareOfEveryChunk(chunk={self._chunk}, start={self._start})"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,3 +156,26 @@ def collate_prompts(rows, buckets, *, pad_token_id: int, prompt_keys=None):
 def for_config(config: Any) -> ModelFamily:
     """The family whose config class `config` is (a model's `.config`)."""
     return _family_of(config, "config_class")
+
+
+def row_to_arrays(row: Any, prefix: str) -> dict:
+    """A prompt row as flat NumPy arrays (every field, and its family's name) under `prefix`:
+    what checkpoints store and processes exchange (no pickles)."""
+    import numpy as np
+
+    arrays = {f"{prefix}/row/{f.name}": np.asarray(getattr(row, f.name))
+              for f in dataclasses.fields(row)}
+    arrays[f"{prefix}/family"] = np.asarray(for_row(row).name)
+    return arrays
+
+
+def row_from_arrays(arrays: dict, prefix: str) -> Any:
+    """The inverse of `row_to_arrays`."""
+    import numpy as np
+
+    family = get(str(arrays[f"{prefix}/family"]))
+    fields = {}
+    for field in dataclasses.fields(family.row_class):
+        value = np.asarray(arrays[f"{prefix}/row/{field.name}"])
+        fields[field.name] = value.item() if value.ndim == 0 else value
+    return family.row_class(**fields)

@@ -51,3 +51,62 @@ class make_preprocess:  # noqa: N801 (a picklable function for grain worker proc
             raise BadRecordError.for_record(record, "over_budget", str(error), fix) from error
         return Example(row=row, record_id=record.id, answer=record.answer,
                        index=record.source_line, extra=dict(record.extra))
+
+
+
+def examples_to_bytes(examples: list[Example]) -> bytes:
+    """Examples as the bytes of one .npz (no pickles): what processes exchange."""
+    import json
+
+    import numpy as np
+
+    from eureka_jax.checkpointing import npz_bytes
+
+    arrays = {}
+    for i, example in enumerate(examples):
+        arrays.update(families.row_to_arrays(example.row, f"{i}"))
+        arrays.update({f"{i}/record_id": np.asarray(example.record_id),
+                       f"{i}/answer": np.asarray(example.answer),
+                       f"{i}/index": np.asarray(example.index),
+                       f"{i}/extra": np.asarray(json.dumps(example.extra))})
+    arrays["count"] = np.asarray(len(examples))
+    return npz_bytes(arrays)
+
+
+def examples_from_bytes(data: bytes) -> list[Example]:
+    import json
+
+    from eureka_jax.checkpointing import arrays_of_npz
+
+    arrays = arrays_of_npz(data)
+    return [Example(row=families.row_from_arrays(arrays, f"{i}"),
+                    record_id=str(arrays[f"{i}/record_id"]), answer=str(arrays[f"{i}/answer"]),
+                    index=int(arrays[f"{i}/index"]),
+                    extra=json.loads(str(arrays[f"{i}/extra"])))
+            for i in range(int(arrays["count"]))]
+
+
+def gather_examples(local: list[Example], share: int | None = None) -> list[Example]:
+    """The whole batch of examples on every process, from each process's share: `local` holds,
+    for every chunk of the batch, this process's `share` consecutive examples of it (a pipeline
+    with `chunk_share`, eureka_jax/data/pipeline.py); share None: the batch is one chunk and
+    shares may differ in size. Returns the chunks in order, each with the processes' shares in
+    process order: the batch one process reading everything would see. A collective that every
+    process must call; one process returns `local` as it is."""
+    import jax
+
+    from eureka_jax import distributed
+
+    if share is None:
+        if jax.process_count() == 1:
+            return list(local)
+        blobs = distributed.gather_bytes(examples_to_bytes(local))
+        return [example for blob in blobs for example in examples_from_bytes(blob)]
+    if len(local) % share:
+        raise ValueError(f"{len(local)} examples are not whole shares of {share}")
+    if jax.process_count() == 1:
+        return list(local)
+    shares = [examples_from_bytes(blob)
+              for blob in distributed.gather_bytes(examples_to_bytes(local))]
+    return [example for start in range(0, len(local), share)
+            for process in shares for example in process[start:start + share]]
