@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from eureka_jax import sharding
 from eureka_jax.processing import next_bucket
 
 
@@ -64,6 +65,23 @@ class Buckets:
         row = int(np.argmax(sizes))
         return next_bucket(sizes[row], self.patches,
                            what=f"batch row {row}: patches (tiles for InternVL) per prompt")
+
+
+def batch_shardings(batch, mesh: jax.sharding.Mesh, *, micro_axis: bool = False):
+    """NamedShardings that split every leaf of a PromptBatch or TrainBatch (concrete or abstract)
+    over its row axis by the "batch" rule (data x fsdp): axis 0, or 1 for positions [3, B, T],
+    one further with `micro_axis` (a leading micro-batch axis M). A row axis that does not divide
+    is replicated. Placing a host batch with these puts on each device only its rows (on
+    several processes each process transfers only its devices' rows)."""
+    context = sharding.ShardingContext(mesh)
+
+    def one(path, leaf):
+        axes = [None] * len(leaf.shape)
+        axes[int(jax.tree_util.keystr(path).endswith("positions_3xBxT")) + micro_axis] = "batch"
+        return jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_spec(axes, leaf.shape, context))
+
+    return jax.tree_util.tree_map_with_path(one, batch)
 
 
 def pad_left(rows: list[np.ndarray], length: int, fill) -> np.ndarray:

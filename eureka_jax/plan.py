@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eureka_jax import families, sharding
-from eureka_jax.batch import PromptBatch, TrainBatch
+from eureka_jax.batch import PromptBatch, TrainBatch, batch_shardings
 from eureka_jax.errors import InputError
 from eureka_jax.models import presets
 from eureka_jax.models.decoder import DTYPES
@@ -245,6 +245,10 @@ def logits_flops(config, rows: int, positions: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Abstract inputs
 # ---------------------------------------------------------------------------------------------
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), tree, shardings)
 
 
 def _abstract(shape, dtype, sharding_):
@@ -539,6 +543,8 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         # update step at micro_batch_size sequences
         micro = abstract_train_batch(micro_prompts, group, prompt_length, patches, response,
                                      model_config, replicated)
+        # Batches are placed as train.py places them: rows over data x fsdp.
+        micro = _with_shardings(micro, batch_shardings(micro, mesh))
         micro_forward = (vision_flops(model_config, micro_prompts, patches),
                          decoder_flops(model_config, loop.micro_batch_size, full_length,
                                        full_length),
@@ -557,6 +563,7 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         ref_arg = params if kl_in_loss else None
         stacked = jax.tree.map(
             lambda a: _abstract((accumulation, *a.shape), a.dtype, replicated), micro)
+        stacked = _with_shardings(stacked, batch_shardings(stacked, mesh, micro_axis=True))
         add(update, lambda: jax.jit(
             update_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None)
         ).lower(params, opt_state, ref_arg, stacked,
@@ -566,6 +573,7 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
         if forward_runs:
             rollout_batch = abstract_train_batch(chunk_prompts, group, prompt_length,
                                                  patches, response, model_config, replicated)
+            rollout_batch = _with_shardings(rollout_batch, batch_shardings(rollout_batch, mesh))
             forward = Program(
                 "logprob_forward", f"{chunk_prompts} prompts x {group} samples x "
                 f"({prompt_length} + {response}) tokens, {loop.micro_batch_size} sequences per "
@@ -606,6 +614,7 @@ def plan_training(config: ml_collections.ConfigDict, topology_name: str, *,
             min_bytes_per_device=decode_bytes, resident_besides=opt_bytes + ref_bytes)
         prompt_batch = abstract_prompts(chunk_prompts, prompt_length, patches,
                                         model_config, replicated)
+        prompt_batch = _with_shardings(prompt_batch, batch_shardings(prompt_batch, mesh))
         add(sampler, lambda: Sampler(graphdef, sampling).lower(params, prompt_batch))
 
     # -- the step ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from eureka_jax import families, hf_io, policy, sharding
-from eureka_jax.batch import Buckets, TrainBatch, collate_responses
+from eureka_jax.batch import Buckets, TrainBatch, batch_shardings, collate_responses
 from eureka_jax.data import load_records
 from eureka_jax.errors import InputError
 from eureka_jax.metrics import MetricsWriter
@@ -103,7 +103,6 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rng = np.random.default_rng(config.seed)
         writer = MetricsWriter(workdir, steps, show_progress=False)
         order = rng.permutation(len(groups))
@@ -116,9 +115,8 @@ def sft(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data: 
                 chosen = [groups[i] for i in order[position:position + batch_size]]
                 position += batch_size
                 started = time.perf_counter()
-                batch = jax.device_put(
-                    _collate(chosen, buckets, processor.pad_token_id, max_response_tokens),
-                    replicated)
+                batch = _collate(chosen, buckets, processor.pad_token_id, max_response_tokens)
+                batch = jax.device_put(batch, batch_shardings(batch, mesh))
                 params, opt_state, loss = update(params, opt_state, batch)
                 loss = float(loss)
                 if not np.isfinite(loss):

@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 
 from eureka_jax import distributed, families, grpo, hf_io, policy, sharding
-from eureka_jax.batch import Buckets, TrainBatch
+from eureka_jax.batch import Buckets, TrainBatch, batch_shardings
 from eureka_jax.checkpointing import Checkpointer, abstract_like, pack_arrays, unpack_arrays
 from eureka_jax.configs_common import validate_config
 from eureka_jax.data import PipelineConfig, make_pipeline, open_source
@@ -298,10 +298,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                                    patches=tuple(config.data.patch_buckets))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-        # Every process holds the same host data (below), so placing it replicated over the
-        # whole mesh is one global array on all of them.
-        def put_on_device(tree):
-            return jax.device_put(tree, replicated)
+        # Every process holds the same host batches (the shares are gathered, below); placed
+        # with their rows split over the data x fsdp axes, they are one global array whose
+        # shards each process fills from its copy.
+        def put_on_device(batch, micro_axis: bool = False):
+            return jax.device_put(batch, batch_shardings(batch, mesh, micro_axis=micro_axis))
 
         # -- Optimizer and update -------------------------------------------------------------
         updates_per_step = rl.ppo_epochs * (loop.groups_per_step * group // loop.minibatch_size)
@@ -423,10 +424,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 outputs = []
                 for minibatch in step_minibatches(batch_groups, loop, rl, shuffle_rng):
                     scales_M = np.asarray(micro_loss_scales(minibatch, rl), np.float32)
-                    batches = put_on_device(stack_micro_batches(minibatch, buckets, pad_id))
+                    batches = put_on_device(stack_micro_batches(minibatch, buckets, pad_id),
+                                            micro_axis=True)
                     params, opt_state, out = update_step(
                         params, opt_state, ref_params if kl_in_loss else None, batches,
-                        put_on_device(scales_M))
+                        jax.device_put(scales_M, replicated))
                     outputs.append((out, scales_M))
                 update_metrics = _update_metrics(distributed.to_host(outputs))  # one fetch a step
                 if update_metrics:

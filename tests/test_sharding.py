@@ -87,3 +87,29 @@ def test_sharded_logits_equal_single_device(model_dir, mesh, arrays, tmp_path):
     assert logits_command.main(argv) == 0
     with np.load(output) as npz:
         np.testing.assert_array_equal(npz["logits"], logits)
+
+
+def test_batches_are_placed_row_split_over_data_and_fsdp():
+    from eureka_jax.batch import PromptBatch, batch_shardings
+
+    mesh = sharding.make_mesh((2, 2, 2))
+
+    def prompts(rows, lead=()):
+        def a(*shape):
+            return np.zeros((*lead, *shape), np.int32)
+        return PromptBatch(input_ids_BxT=a(rows, 5), attention_mask_BxT=a(rows, 5),
+                           positions_3xBxT=a(3, rows, 5), next_position_B=a(rows),
+                           prompt_key_B=a(rows), token_source_BxT=a(rows, 5))
+
+    rows = ("data", "fsdp")
+    specs = batch_shardings(prompts(4), mesh)
+    assert specs.input_ids_BxT.spec == PartitionSpec(rows, None)
+    assert specs.prompt_key_B.spec == PartitionSpec(rows)
+    assert specs.positions_3xBxT.spec == PartitionSpec(None, rows, None)
+    # 6 rows do not divide over 4 shards: replicated.
+    assert batch_shardings(prompts(6), mesh).input_ids_BxT.spec == PartitionSpec(None, None)
+    stacked = batch_shardings(prompts(4, lead=(3,)), mesh, micro_axis=True)
+    assert stacked.input_ids_BxT.spec == PartitionSpec(None, rows, None)
+    assert stacked.positions_3xBxT.spec == PartitionSpec(None, None, rows, None)
+    placed = jax.device_put(prompts(4), specs)
+    assert placed.input_ids_BxT.addressable_shards[0].data.shape == (1, 5)

@@ -8,7 +8,7 @@ import contextlib
 import json
 import sys
 
-from eureka_jax.batch import Buckets
+from eureka_jax.batch import Buckets, batch_shardings
 from eureka_jax.commands import argument_parser
 from eureka_jax.workdirs import as_path
 
@@ -71,10 +71,8 @@ def main(argv: list[str]) -> int:
             def put_on_device(tree):
                 return jax.tree.map(jax.numpy.asarray, tree)
         else:
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-            def put_on_device(tree):
-                return jax.device_put(tree, replicated)
+            def put_on_device(batch):
+                return jax.device_put(batch, batch_shardings(batch, mesh))
         with RewardPool(RewardConfig()) as pool, (
                 sharding.activate(mesh) if mesh is not None else contextlib.nullcontext()):
             evaluator = Evaluator(

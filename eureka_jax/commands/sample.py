@@ -58,7 +58,7 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
     from flax import nnx
 
     from eureka_jax import families, sharding
-    from eureka_jax.batch import Buckets
+    from eureka_jax.batch import Buckets, batch_shardings
     from eureka_jax.sampler import FINISH_REASONS, Sampler
 
     devices = jax.devices()
@@ -74,8 +74,8 @@ def sample(model_dir: str, rows, processor, sampling, *, seed: int = 0,
     model = family.load_model(model_dir, mesh=mesh, param_dtype=dtype, compute_dtype=dtype)
     with sharding.activate(mesh):
         graphdef, state = nnx.split(model)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        output = Sampler(graphdef, sampling)(state, jax.device_put(batch, replicated), seed)
+        output = Sampler(graphdef, sampling)(
+            state, jax.device_put(batch, batch_shardings(batch, mesh)), seed)
         tokens, logprobs, lengths, finish = jax.device_get(
             (output.tokens_NxL, output.logprobs_NxL, output.lengths_N, output.finish_N))
     group = sampling.num_samples
