@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         "top_p": 1.0,
         "stop_tokens": ("<|im_end|>", "<|endoftext|>"),
         "cache_phases": 4,  # the generated-token KV buffer grows this many times
+        "layer_loop": "auto",  # decoding over the layers: scan | unrolled | auto (see sampler)
     })
     # eureka_jax/rl_config.py documents every field. rl.max_response_length (the dr_grpo loss
     # divides by it) is the longest response the sampler produces, so it must equal
@@ -191,7 +192,8 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> No
     values["rl"] = rl.to_dict()  # an rl field left out takes RLConfig's default
     SamplingConfig(num_samples=rl.num_generations, max_new_tokens=get("sampling.max_new_tokens"),
                    temperature=get("sampling.temperature"), top_k=get("sampling.top_k"),
-                   top_p=get("sampling.top_p"), cache_phases=get("sampling.cache_phases"))
+                   top_p=get("sampling.top_p"), cache_phases=get("sampling.cache_phases"),
+                   layer_loop=get("sampling.layer_loop"))
     stop_tokens = tuple(get("sampling.stop_tokens"))
     require(bool(stop_tokens) and all(isinstance(t, str) and t for t in stop_tokens),
             "sampling.stop_tokens", "a non-empty tuple of token strings",

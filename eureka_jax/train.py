@@ -358,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             num_samples=group, max_new_tokens=config.sampling.max_new_tokens,
             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
             top_p=config.sampling.top_p, stop_token_ids=stop_ids,
-            cache_phases=config.sampling.cache_phases)
+            cache_phases=config.sampling.cache_phases, layer_loop=config.sampling.layer_loop)
         sampler = Sampler(graphdef, sampling)
         reward_config = RewardConfig.from_mapping(
             {**config.rewards.to_dict(), "max_length": sampling.max_new_tokens})

@@ -269,6 +269,32 @@ def test_generated_buffer_grows_in_phases(phases, model, params, processor, prom
                           response_scale(batch, default, 1))
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_both_layer_loops_decode_like_transformers(layer_loop, model, params, processor, prompts,
+                                                   hf_model, greedy_sampler, response_scale):
+    """Decoding scanned over the stacked layers or unrolled over per-layer weights: transformers'
+    tokens, and the default sampler's log-probs up to float32 rounding. "auto" picks unrolled
+    on CPU and scan on TPU (plan lowers for TPU devices from this CPU host)."""
+    config = dataclasses.replace(greedy_sampler.config, layer_loop=layer_loop)
+    sampler = Sampler(greedy_sampler.graphdef, config)
+    names = ("image_small", "text_long")
+    batch = make_batch(model, processor, [prompts[n] for n in names])
+    out = sample(sampler, params, batch)
+    for row, name in enumerate(names):
+        expected, _ = hf_greedy(hf_model, prompts[name], model.config.image_token_id,
+                                GREEDY_TOKENS)
+        np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
+    default = sample(greedy_sampler, params, batch)
+    assert_logprobs_agree(out.logprobs_NxL, default.logprobs_NxL, generated_mask(default),
+                          response_scale(batch, default, 1))
+    auto = SamplingConfig(layer_loop="auto")
+    assert (auto.for_platform("cpu").layer_loop, auto.for_platform("tpu").layer_loop) == (
+        "unrolled", "scan")
+    assert config.for_platform("cpu").layer_loop == layer_loop
+    with pytest.raises(InputError, match="layer_loop must be one of"):
+        SamplingConfig(layer_loop="vmap")
+
+
 def test_early_stop_skips_the_later_phases(model, params, processor, prompts, greedy_sampler):
     """Every sample stops in the first phase: the later phases' loops run no step."""
     batch = make_batch(model, processor, [prompts["text_short"]])

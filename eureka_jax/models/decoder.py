@@ -473,10 +473,20 @@ class CausalLM(nnx.Module):
         cos_1xSxH, sin_1xSxH = self._rotary(jnp.broadcast_to(jnp.arange(length), (3, 1, length)))
         return cos_1xSxH[0], sin_1xSxH[0]
 
-    def decode_step(self, x_Nx1xD, position_N, cache: KVCache, gen_slot, rotary_table):
+    def layer_modules(self) -> list[DecoderLayer]:
+        """The decoder layers as separate modules, each weight sliced out of the stacked ones
+        here, once: what `decode_step(layers=...)` reads when a decoding loop is unrolled over
+        the layers (a copy of the decoder's weights while it lives)."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda stacked, i=i: stacked[i], state))
+                for i in range(self.config.text.num_hidden_layers)]
+
+    def decode_step(self, x_Nx1xD, position_N, cache: KVCache, gen_slot, rotary_table,
+                    layers: list[DecoderLayer] | None = None):
         """One generated (text) token per sample at `position_N` (below the length of
         `rotary_table`, from `text_rotary_table`), against the cache; written at generated slot
-        `gen_slot`."""
+        `gen_slot`. The layers run as a scan over the stacked weights, or with `layers` (from
+        `layer_modules`, made outside the decoding loop) unrolled over them."""
         cos_SxH, sin_SxH = rotary_table
         cos, sin = cos_SxH[position_N[:, None]], sin_SxH[position_N[:, None]]
         readable_NxS = cache.readable_NxS(gen_slot)  # once per step, not once per layer
@@ -484,8 +494,17 @@ class CausalLM(nnx.Module):
         def layer_fn(layer, x_Nx1xD, kv):
             return layer.step(x_Nx1xD, cos, sin, kv, readable_NxS, gen_slot)
 
-        x_Nx1xD, (new_k_YxNxKxHx1, new_v_YxNxKx1xH) = scan_layers(
-            self.layers, layer_fn, x_Nx1xD, cache.layers)
+        if layers is None:
+            x_Nx1xD, (new_k_YxNxKxHx1, new_v_YxNxKx1xH) = scan_layers(
+                self.layers, layer_fn, x_Nx1xD, cache.layers)
+        else:
+            new_kv = []
+            for i, layer in enumerate(layers):
+                kv = jax.tree.map(lambda stacked, i=i: stacked[i], cache.layers)
+                x_Nx1xD, kv = layer_fn(layer, x_Nx1xD, kv)
+                new_kv.append(kv)
+            new_k_YxNxKxHx1, new_v_YxNxKx1xH = (jnp.stack(parts)
+                                                for parts in zip(*new_kv, strict=True))
         # Written once for all layers, in place: the scan reads the cache and writes no copy.
         kv = cache.layers
         kv = kv.replace(
