@@ -197,9 +197,9 @@ def test_time_limit_survives_a_swallowed_alarm():
 
 def test_slow_item_times_out_in_process():
     config = RewardConfig(num_workers=0, timeout_s=0.5)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: wall time is at the mercy of a loaded machine
     [result] = score_batch([GOOD.format("(x+y+z)^{40}")], ["5"], config=config)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 1.5  # 1.5 s of CPU when left to finish
     assert result.timed_out and result.accuracy == 0.0 and result.format == 1.0
     assert result.reward == 0.5
 

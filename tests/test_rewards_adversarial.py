@@ -17,7 +17,11 @@ GOOD = "<think>because</think><answer>{}</answer>"
 LIMIT = 2.0
 # How far past the limit an item may finish: the alarm repeats every 50 ms (rewards/timer.py) but
 # cannot interrupt a C call in progress. Seen on a 2-core machine at load 5: "slow expansion"
-# 0.75 s past the limit, two of its alarms swallowed by finalisers.
+# 0.75 s past the limit, two of its alarms swallowed by finalisers. The bound is on this
+# process's CPU time, not on wall time: in a CI run with the cores oversubscribed "slow
+# expansion" (1.5 s of CPU when left alone) took 3.45 s of wall time against the 2 s limit, the
+# process waiting for a core, not computing. An item the timer failed to stop would keep
+# burning CPU and fail the bound either way.
 OVERRUN_S = 1.0
 
 ADVERSARIAL = {
@@ -43,9 +47,9 @@ ADVERSARIAL = {
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_completion_scores_zero_in_time(name):
     config = RewardConfig(num_workers=0, timeout_s=LIMIT)
-    start = time.perf_counter()
+    start = time.process_time()
     [result] = score_batch([ADVERSARIAL[name]], ["5"], config=config)
-    assert time.perf_counter() - start < LIMIT + OVERRUN_S
+    assert time.process_time() - start < LIMIT + OVERRUN_S
     assert result.accuracy == 0.0
 
 
