@@ -247,6 +247,22 @@ def test_greedy_matches_transformers(names, model, params, processor, prompts, h
     assert (out.lengths_N == max_new).all() and (out.finish_N == FINISH_LENGTH).all()
 
 
+def assert_greedy_like_transformers_and_default(sampler, model, params, processor, prompts,
+                                                hf_model, greedy_sampler, response_scale):
+    """`sampler` on an image prompt and a long text prompt: transformers' greedy tokens, and the
+    default sampler's log-probs up to float32 rounding (the bound above the fixtures)."""
+    names = ("image_small", "text_long")
+    batch = make_batch(model, processor, [prompts[n] for n in names])
+    out = sample(sampler, params, batch)
+    for row, name in enumerate(names):
+        expected, _ = hf_greedy(hf_model, prompts[name], model.config.image_token_id,
+                                GREEDY_TOKENS)
+        np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
+    default = sample(greedy_sampler, params, batch)
+    assert_logprobs_agree(out.logprobs_NxL, default.logprobs_NxL, generated_mask(default),
+                          response_scale(batch, default, 1))
+
+
 @pytest.mark.parametrize("phases", [1, 5, GREEDY_TOKENS])
 def test_generated_buffer_grows_in_phases(phases, model, params, processor, prompts, hf_model,
                                           greedy_sampler, response_scale):
@@ -257,16 +273,8 @@ def test_generated_buffer_grows_in_phases(phases, model, params, processor, prom
     config = dataclasses.replace(greedy_sampler.config, cache_phases=phases)
     assert len(config.phase_ends()) == phases and config.phase_ends()[-1] == GREEDY_TOKENS
     sampler = Sampler(greedy_sampler.graphdef, config)
-    names = ("image_small", "text_long")
-    batch = make_batch(model, processor, [prompts[n] for n in names])
-    out = sample(sampler, params, batch)
-    for row, name in enumerate(names):
-        expected, _ = hf_greedy(hf_model, prompts[name], model.config.image_token_id,
-                                GREEDY_TOKENS)
-        np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
-    default = sample(greedy_sampler, params, batch)
-    assert_logprobs_agree(out.logprobs_NxL, default.logprobs_NxL, generated_mask(default),
-                          response_scale(batch, default, 1))
+    assert_greedy_like_transformers_and_default(sampler, model, params, processor, prompts,
+                                                hf_model, greedy_sampler, response_scale)
 
 
 @pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
@@ -277,16 +285,8 @@ def test_both_layer_loops_decode_like_transformers(layer_loop, model, params, pr
     on CPU and scan on TPU (plan lowers for TPU devices from this CPU host)."""
     config = dataclasses.replace(greedy_sampler.config, layer_loop=layer_loop)
     sampler = Sampler(greedy_sampler.graphdef, config)
-    names = ("image_small", "text_long")
-    batch = make_batch(model, processor, [prompts[n] for n in names])
-    out = sample(sampler, params, batch)
-    for row, name in enumerate(names):
-        expected, _ = hf_greedy(hf_model, prompts[name], model.config.image_token_id,
-                                GREEDY_TOKENS)
-        np.testing.assert_array_equal(out.tokens_NxL[row], expected, err_msg=name)
-    default = sample(greedy_sampler, params, batch)
-    assert_logprobs_agree(out.logprobs_NxL, default.logprobs_NxL, generated_mask(default),
-                          response_scale(batch, default, 1))
+    assert_greedy_like_transformers_and_default(sampler, model, params, processor, prompts,
+                                                hf_model, greedy_sampler, response_scale)
     auto = SamplingConfig(layer_loop="auto")
     assert (auto.for_platform("cpu").layer_loop, auto.for_platform("tpu").layer_loop) == (
         "unrolled", "scan")

@@ -53,7 +53,6 @@ class make_preprocess:  # noqa: N801 (a picklable function for grain worker proc
                        index=record.source_line, extra=dict(record.extra))
 
 
-
 def examples_to_bytes(examples: list[Example]) -> bytes:
     """Examples as the bytes of one .npz (no pickles): what processes exchange."""
     import json
@@ -97,16 +96,13 @@ def gather_examples(local: list[Example], share: int | None = None) -> list[Exam
 
     from eureka_jax import distributed
 
-    if share is None:
-        if jax.process_count() == 1:
-            return list(local)
-        blobs = distributed.gather_bytes(examples_to_bytes(local))
-        return [example for blob in blobs for example in examples_from_bytes(blob)]
-    if len(local) % share:
+    if share is not None and len(local) % share:
         raise ValueError(f"{len(local)} examples are not whole shares of {share}")
     if jax.process_count() == 1:
         return list(local)
     shares = [examples_from_bytes(blob)
               for blob in distributed.gather_bytes(examples_to_bytes(local))]
+    if share is None:
+        return [example for process in shares for example in process]
     return [example for start in range(0, len(local), share)
             for process in shares for example in process[start:start + share]]
