@@ -265,8 +265,13 @@ class JaxStep:
     def __init__(self, model, optim: ml_collections.ConfigDict, rl: RLConfig):
         self.graphdef, self.params = nnx.split(model)
         tx, self.schedule = make_optimizer(optim, total_updates=1000)
-        self.opt_state = jax.jit(tx.init)(split_trainable(self.params, optim.freeze_vision)[0])
-        self.update = make_update_step(self.graphdef, tx, rl, optim.freeze_vision)
+        # The state committed to its device and the outputs pinned, as train.py does: otherwise
+        # the second call sees new input shardings and compiles again, inside the timed repeats.
+        trainable = split_trainable(self.params, optim.freeze_vision)[0]
+        self.opt_state = jax.device_put(jax.jit(tx.init)(trainable), jax.devices()[0])
+        self.update = make_update_step(
+            self.graphdef, tx, rl, optim.freeze_vision,
+            state_shardings=jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state)))
         graphdef = self.graphdef
         self.logprobs = jax.jit(lambda params, batch: policy.response_logprobs(
             nnx.merge(graphdef, params), batch)[0])

@@ -50,8 +50,8 @@ from eureka_jax.models.decoder import (
     apply_rotary,
     check_runtime_fields,
     inverse_frequencies,
-    matmul_precision,
     normal,
+    project,
     scan_layers,
     stacked,
 )
@@ -339,11 +339,8 @@ class VisionTower(nnx.Module):
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
         """Window-ordered patches -> merged tokens [B, P/4, out_hidden_size] in window order."""
-        x_BxPxD = jnp.dot(
-            inputs.patches_BxPxC.astype(self.dtype),
-            self.patch_embed[...].astype(self.dtype),
-            precision=matmul_precision(self.dtype),
-        )
+        x_BxPxD = project(inputs.patches_BxPxC.astype(self.dtype),
+                          self.patch_embed[...].astype(self.dtype))
         x_BxPxD = constrain(x_BxPxD, ("batch", "length", "act_embed"))
         inv_freq = inverse_frequencies(self.config.rope_theta, self.config.head_dim // 2)
         pos = inputs.pos_hw_BxPx2.astype(jnp.float32)
