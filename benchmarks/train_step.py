@@ -52,10 +52,11 @@ alternating so that load from other processes hits them alike; every repeat and 
 in the JSON too. On a shared machine the load changes within a run, and torch's OpenMP threads
 slow down far more than XLA's when the cores are oversubscribed (see benchmarks/forward.py):
 compare the minima, which approach the uncontended times, before drawing conclusions. Measured
-on the 2-core development machine: quiet (load ~0), torch took 0.77x the port's time (text 3.7 s
-vs 4.8 s per step; the port's forward and optimizer match torch's, its backward is ~1 s slower);
-at a load of 4-6 from other jobs, torch took 1.2-2.6x the port's time. The last line is one JSON
-object.
+on the 2-core development machine (load 0-1.8, see the README for the runs): torch took 0.72-0.77x
+the port's time until the port's dense layers multiplied [rows, in] x [in, out] and its MLP
+backward stopped keeping five activations per layer (2026-12-03); since then the ratio reads
+0.8-1.2 from run to run, on par within this machine's noise. At a load of 4-6 from other jobs
+torch took 1.2-2.6x the port's time (its threads starving). The last line is one JSON object.
 """
 
 from __future__ import annotations
