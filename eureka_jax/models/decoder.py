@@ -13,7 +13,8 @@ first row.
 Depth. The layers are one module whose parameters have a leading layer axis (logical name
 "layers", never sharded; created by nnx.vmap) and run as one lax.scan, so a program's size and
 compile time do not grow with the number of layers. `model.remat` puts jax.checkpoint around each
-scanned layer. The KV cache is stacked the same way.
+scanned layer; whatever it says, GatedMLP recomputes its elementwise part in the backward (its own
+jax.checkpoint: gate and up are what it keeps). The KV cache is stacked the same way.
 
 A config here is a family's model config: `.text` (TextConfig) and the runtime fields
 param_dtype, compute_dtype, remat, attention_impl.
