@@ -307,7 +307,8 @@ class Program:
     flops: float  # analytic model FLOPs of one run, all devices together
     min_bytes_per_device: float = 0.0  # bytes one run must move through HBM per device (>=)
     resident_besides: int = 0  # bytes resident during the run that are not its arguments
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # tracing + lowering + XLA compilation: the wait before a first run
+    lower_s: float = 0.0  # the tracing + lowering part of compile_s (JAX, not XLA)
     fits: bool = True
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
     peak_bytes_per_device: int | None = None
@@ -318,8 +319,10 @@ class Program:
 def _compile(program: Program, lower: Callable[[], Any], log) -> Program:
     log(f"compiling {program.name}: {program.description} ...")
     started = time.perf_counter()
+    lowered = lower()
+    program.lower_s = time.perf_counter() - started
     try:
-        compiled = lower().compile()
+        compiled = lowered.compile()
     except Exception as error:  # an out-of-memory is the compiler's verdict, not a crash
         message = str(error)
         if "RESOURCE_EXHAUSTED" not in message:
@@ -346,7 +349,8 @@ def _compile(program: Program, lower: Callable[[], Any], log) -> Program:
         costs = costs[0] if costs else None
     if costs and "flops" in costs:
         program.xla_flops_per_device = float(costs["flops"])
-    log(f"  {program.name}: compiled in {program.compile_s:.1f} s, peak "
+    log(f"  {program.name}: compiled in {program.compile_s:.1f} s (tracing and lowering "
+        f"{program.lower_s:.1f} s), peak "
         f"{_size(program.peak_bytes_per_device)} per device")
     return program
 
@@ -387,7 +391,8 @@ class Plan:
             "hbm_bytes_per_device": self.hbm_bytes,
             "programs": [{
                 "name": p.name, "peak_bytes_per_device": p.peak_bytes_per_device,
-                "flops": p.flops, "compile_s": round(p.compile_s, 2), "fits": p.fits,
+                "flops": p.flops, "compile_s": round(p.compile_s, 2),
+                "lower_s": round(p.lower_s, 2), "fits": p.fits,
                 "runs_per_step": p.runs_per_step, "memory": p.memory,
                 "xla_flops_per_device": p.xla_flops_per_device,
                 **({"error": p.error} if p.error else {}),
@@ -773,8 +778,8 @@ def format_plan(plan: Plan) -> str:
         f"vision{', frozen' if m['freeze_vision'] else ''}), {m['param_dtype']} parameters, "
         f"{m['compute_dtype']} compute, remat {m['remat']}",
         "",
-        f"{'program':<16} {'runs':>5} {'compile s':>9} {'args':>8} {'out':>8} {'alias':>8} "
-        f"{'temp':>8} {'peak':>8} {'TFLOP/run':>10} {'XLA TF/dev':>10}  fits",
+        f"{'program':<16} {'runs':>5} {'compile s':>9} {'lower s':>7} {'args':>8} {'out':>8} "
+        f"{'alias':>8} {'temp':>8} {'peak':>8} {'TFLOP/run':>10} {'XLA TF/dev':>10}  fits",
     ]
     for p in plan.programs:
         mem = p.memory
@@ -782,7 +787,7 @@ def format_plan(plan: Plan) -> str:
         sizes = " ".join(f"{_size(mem.get(key)):>8}" for key in
                          ("argument", "output", "alias", "temp"))
         lines.append(
-            f"{p.name:<16} {p.runs_per_step:>5} {p.compile_s:>9.1f} {sizes} "
+            f"{p.name:<16} {p.runs_per_step:>5} {p.compile_s:>9.1f} {p.lower_s:>7.1f} {sizes} "
             f"{_size(p.peak_bytes_per_device):>8} {p.flops / 1e12:>10.3f} {xla:>10}  "
             f"{'yes' if p.fits else 'NO'}")
         lines.append(f"{'':<16} {p.description}")

@@ -53,6 +53,7 @@ def check_contract(report, topology, num_devices):
     for program in report["programs"]:
         assert program["peak_bytes_per_device"] > 0
         assert program["flops"] >= 0 and program["compile_s"] >= 0
+        assert 0 <= program["lower_s"] <= program["compile_s"], program
     running = [p["peak_bytes_per_device"] for p in report["programs"] if p["runs_per_step"]]
     assert report["peak_bytes_per_device"] >= max(running)
     assert isinstance(report["fits"], bool)
