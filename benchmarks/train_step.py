@@ -48,7 +48,8 @@ rollout and a step may run several rollouts, which metrics.jsonl does not record
 estimates it from time/step. Steps with an evaluation and step 1 (compilation) are left out.
 
 A report, not a test: each timing is the median of --repeats after a warm-up, the two frameworks
-alternating so that load from other processes hits them alike; every repeat and the minimum are
+alternating (which goes first swaps every round; use an even --repeats) so that load from
+other processes hits them alike; every repeat and the minimum are
 in the JSON too. On a shared machine the load changes within a run, and torch's OpenMP threads
 slow down far more than XLA's when the cores are oversubscribed (see benchmarks/forward.py):
 compare the minima, which approach the uncontended times, before drawing conclusions. Measured
@@ -289,10 +290,13 @@ class JaxStep:
 
 
 def interleaved_ms(steps: dict, repeats: int, between) -> dict[str, list[float]]:
-    """Wall times in ms of each step, the steps alternating; `between()` after each round."""
+    """Wall times in ms of each step, the steps alternating and their order reversed every other
+    round (so neither always runs first after `between()`, which runs after each round)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for round_index in range(repeats):
+        order = list(steps) if round_index % 2 == 0 else list(steps)[::-1]
+        for name in order:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - start) * 1e3)
