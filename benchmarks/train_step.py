@@ -42,6 +42,13 @@ float32 jnp.dot of two N x N matrices (torch.mm's with --threads threads is prin
 sampled before the cases and again after every timed pair of steps, so that it sees the same
 load from other processes as the steps do.
 
+Host memory: by default the whole process runs with eureka_jax.host_memory.keep_freed_memory(),
+as the eureka-jax command does on the CPU backend, so both frameworks reuse freed heap memory
+instead of faulting fresh pages in each step (`--malloc default` leaves glibc as it comes). Each
+step's minor page faults and system CPU seconds are in the JSON: on this VM faulting XLA's 1.08
+GB temporary buffer back in cost 0.4 s of system time per step when the machine was quiet and up
+to 8 s when it was not, which is most of the run-to-run spread of the earlier measurements.
+
 Demo shares: time/rollout (sampling), time/reward (reward pool, overlapped with the teacher-forced
 log-prob pass) and time/update of each logged step of a demo run. The first two are means per
 rollout and a step may run several rollouts, which metrics.jsonl does not record; the script
@@ -65,6 +72,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -80,6 +88,7 @@ from flax import nnx
 from eureka_jax import hf_io, policy, testing
 from eureka_jax.batch import Buckets, TrainBatch
 from eureka_jax.configs_common import base_config
+from eureka_jax.host_memory import keep_freed_memory
 from eureka_jax.metrics import read_metrics
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor, qwen_rows
 from eureka_jax.rl_config import RLConfig
@@ -289,19 +298,25 @@ class JaxStep:
         return float(metrics["loss"][0]), float(metrics["grad_norm"])
 
 
-def interleaved_ms(steps: dict, repeats: int, between) -> dict[str, list[float]]:
+def interleaved_ms(steps: dict, repeats: int, between) -> dict[str, dict[str, list[float]]]:
     """Wall times in ms of each step, the steps alternating and their order reversed every other
-    round (so neither always runs first after `between()`, which runs after each round)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    round (so neither always runs first after `between()`, which runs after each round); beside
+    them the kernel's share of each step: minor page faults and system CPU seconds (the steps run
+    one at a time in this process, so the process's counters are the step's)."""
+    runs = {name: {"ms": [], "minor_faults": [], "system_s": []} for name in steps}
     for round_index in range(repeats):
         order = list(steps) if round_index % 2 == 0 else list(steps)[::-1]
         for name in order:
-            step = steps[name]
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            steps[name]()
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            runs[name]["ms"].append(elapsed_ms)
+            runs[name]["minor_faults"].append(after.ru_minflt - before.ru_minflt)
+            runs[name]["system_s"].append(after.ru_stime - before.ru_stime)
         between()
-    return times
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +380,14 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=2048, help="N of the N x N matmul")
     parser.add_argument("--demo-metrics", type=Path,
                         default=Path("runs/demo/grpo/metrics.jsonl"))
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: eureka_jax.host_memory.keep_freed_memory() for the whole "
+                        "process (both frameworks), as the eureka-jax CLI does on CPU; default: "
+                        "glibc's allocator as it comes")
     args = parser.parse_args()
+    # Before either framework starts its threads: the arena limit binds only new threads.
+    malloc_note = keep_freed_memory() if args.malloc == "keep" else "host memory: glibc defaults"
+    print(malloc_note)
 
     import torch
 
@@ -409,7 +431,8 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         loss_torch, norm_torch = theirs()
         theirs_logp = theirs.logp
-        times = interleaved_ms({"jax": ours, "torch": theirs}, args.repeats, peak.sample)
+        runs = interleaved_ms({"jax": ours, "torch": theirs}, args.repeats, peak.sample)
+        times = {name: run["ms"] for name, run in runs.items()}
 
         flops = step_flops(config, BATCH, PROMPT, RESPONSE, patches)
         tokens = BATCH * (PROMPT + RESPONSE)
@@ -430,6 +453,10 @@ def main() -> None:
             "torch_over_jax_min": round(min(times["torch"]) / min(times["jax"]), 2),
             "jax_ms_each": [round(t) for t in times["jax"]],
             "torch_ms_each": [round(t) for t in times["torch"]],
+            "minor_faults_median": {name: int(statistics.median(run["minor_faults"]))
+                                    for name, run in runs.items()},
+            "system_s_each": {name: [round(t, 2) for t in run["system_s"]]
+                              for name, run in runs.items()},
             "jax_compile_and_first_step_s": round(compile_s, 1),
             "logp_max_abs_diff": float(f"{np.abs(theirs_logp - logp).max():.2e}"),
             "loss": {"jax": round(loss_jax, 6), "torch": round(loss_torch, 6)},
@@ -448,7 +475,8 @@ def main() -> None:
               f"{c['torch_fraction_of_peak']:.1%}) | torch/jax {c['torch_over_jax']} (minima "
               f"{c['jax_ms_min']:.0f} / {c['torch_ms_min']:.0f} ms) | logp max "
               f"diff {c['logp_max_abs_diff']:.1e}, grad norm {c['grad_norm']['jax']:.5f} vs "
-              f"{c['grad_norm']['torch']:.5f}")
+              f"{c['grad_norm']['torch']:.5f} | minor faults per step "
+              f"{c['minor_faults_median']['jax']} / {c['minor_faults_median']['torch']}")
 
     demo = demo_shares(args.demo_metrics)
     if demo.get("shares_of_step_time"):
@@ -460,7 +488,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "train_step", "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(), "load_average": [round(load_before, 2), round(load_after, 2)],
-        "torch_threads": args.threads, "repeats": args.repeats,
+        "torch_threads": args.threads, "repeats": args.repeats, "malloc": args.malloc,
         "torch_attention": theirs.model.config._attn_implementation,
         "matmul_peak_gflops": peaks,
         "matmul_peak_gflops_min_max": peak.ranges(), "batch": {"sequences": BATCH, "prompt": PROMPT,

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import sys
 
-from eureka_jax import distributed
+from eureka_jax import distributed, host_memory
 
 # command -> (module under eureka_jax.commands, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,5 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script: `main` in a process of its own. Only here, before JAX starts its
+    threads, is it safe to retune the C allocator: on the CPU backend freed host memory is kept
+    in-process (see eureka_jax.host_memory), which a notebook calling `main` does not get."""
+    default_platforms()
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        host_memory.keep_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
