@@ -42,12 +42,15 @@ float32 jnp.dot of two N x N matrices (torch.mm's with --threads threads is prin
 sampled before the cases and again after every timed pair of steps, so that it sees the same
 load from other processes as the steps do.
 
-Host memory: by default the whole process runs with eureka_jax.host_memory.keep_freed_memory(),
-as the eureka-jax command does on the CPU backend, so both frameworks reuse freed heap memory
-instead of faulting fresh pages in each step (`--malloc default` leaves glibc as it comes). Each
-step's minor page faults and system CPU seconds are in the JSON: on this VM faulting XLA's 1.08
-GB temporary buffer back in cost 0.4 s of system time per step when the machine was quiet and up
-to 8 s when it was not, which is most of the run-to-run spread of the earlier measurements.
+Processes and host memory: each framework runs in a worker process of its own (spawned; the
+parent alternates their steps and samples the matmul peak), so each has the heap it would have in
+real use. Both apply eureka_jax.host_memory.keep_freed_memory(), as the eureka-jax command does on
+the CPU backend (`--malloc default` leaves glibc as it comes): freed heap memory is reused rather
+than faulted back in every step. Each step's minor page faults and system CPU seconds are in the
+JSON. On this VM faulting XLA's 1.08 GB temporary buffer in again cost 0.4 s of system time per
+step on a quiet machine and up to 8 s on a busy one. In these worker processes the in-process
+setting does not take (see eureka_jax.host_memory's known limit): the JAX side still faults
+~280k pages per step with it, torch's ~0.
 
 Demo shares: time/rollout (sampling), time/reward (reward pool, overlapped with the teacher-forced
 log-prob pass) and time/update of each logged step of a demo run. The first two are means per
@@ -71,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -298,25 +302,113 @@ class JaxStep:
         return float(metrics["loss"][0]), float(metrics["grad_norm"])
 
 
-def interleaved_ms(steps: dict, repeats: int, between) -> dict[str, dict[str, list[float]]]:
-    """Wall times in ms of each step, the steps alternating and their order reversed every other
-    round (so neither always runs first after `between()`, which runs after each round); beside
-    them the kernel's share of each step: minor page faults and system CPU seconds (the steps run
-    one at a time in this process, so the process's counters are the step's)."""
-    runs = {name: {"ms": [], "minor_faults": [], "system_s": []} for name in steps}
+def interleaved_runs(sides: dict, repeats: int, between) -> dict[str, dict[str, list[float]]]:
+    """Each side's timed steps, the sides alternating and their order reversed every other round
+    (so neither always runs first after `between()`, which runs after each round)."""
+    runs = {name: {"ms": [], "minor_faults": [], "system_s": []} for name in sides}
     for round_index in range(repeats):
-        order = list(steps) if round_index % 2 == 0 else list(steps)[::-1]
+        order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for name in order:
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            start = time.perf_counter()
-            steps[name]()
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            runs[name]["ms"].append(elapsed_ms)
-            runs[name]["minor_faults"].append(after.ru_minflt - before.ru_minflt)
-            runs[name]["system_s"].append(after.ru_stime - before.ru_stime)
+            for key, value in sides[name].call("step").items():
+                runs[name][key].append(value)
         between()
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Each framework in a process of its own
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(step) -> dict[str, float]:
+    """One step's wall time and the kernel's share of it: minor page faults and system CPU
+    seconds (the process runs nothing else meanwhile, so its counters are the step's)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    step()
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"ms": elapsed_ms, "minor_faults": after.ru_minflt - before.ru_minflt,
+            "system_s": after.ru_stime - before.ru_stime}
+
+
+def serve(side: str, model_dir: Path, malloc: str, threads: int, connection) -> None:
+    """A worker process: builds one framework's step on the saved model and answers the parent's
+    calls ("case", "warm_up", "step") until "stop". One process per framework, so each has the
+    heap it would have in real use (in one shared heap torch's allocations kept splitting the
+    space XLA's 1.08 GB temporary buffer is reused from, and ours faulted it in again)."""
+    note = keep_freed_memory() if malloc == "keep" else "host memory: glibc defaults"
+    import torch
+
+    torch.set_num_threads(threads)
+    processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=IMAGE_PX * IMAGE_PX,
+                                                max_pixels=IMAGE_PX * IMAGE_PX)
+    vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]
+    optim = base_config().optim
+    optim.freeze_vision = False
+    rl = RLConfig(loss="grpo", max_response_length=RESPONSE)
+    if side == "jax":
+        step = JaxStep(hf_io.load_model(model_dir), optim, rl)
+        config = nnx.merge(step.graphdef, step.params).config
+    else:
+        step = TorchStep(model_dir, optim, rl, make_optimizer(optim, total_updates=1000)[1])
+    connection.send({"malloc": note, "attention": None if side == "jax" else
+                     step.model.config._attn_implementation})
+    while True:
+        command, *args = connection.recv()
+        if command == "stop":
+            return
+        if command == "case" and side == "jax":  # build the batch; the old log-probs are ours
+            (with_image,) = args
+            prompts = encode_prompts(processor, with_image, vocab_limit, seed=1)
+            groups = make_groups(prompts, config, vocab_limit, seed=2)
+            batch = collate_groups(groups, buckets_for_images(), processor.pad_token_id)
+            logp = np.asarray(step.logprobs(step.params, jax.device_put(batch)))
+            batch = with_old_logprobs(batch, logp, seed=3)
+            step.set_batch(batch)
+            patches = 0 if batch.prompts.vision is None else \
+                batch.prompts.vision.patches_BxPxC.shape[1]
+            connection.send({"batch": batch, "logp": logp, "patches": patches,
+                             "flops": step_flops(config, BATCH, PROMPT, RESPONSE, patches),
+                             "image_token_id": config.image_token_id})
+        elif command == "case":  # the same prompts, and the jax worker's batch
+            with_image, batch, image_token_id = args
+            prompts = encode_prompts(processor, with_image, vocab_limit, seed=1)
+            step.set_batch(torch_inputs(prompts, batch, processor.pad_token_id, image_token_id),
+                           batch)
+            connection.send(None)
+        elif command == "warm_up":  # the port compiles here
+            start = time.perf_counter()
+            loss, norm = step()
+            connection.send({"loss": loss, "grad_norm": norm,
+                             "seconds": time.perf_counter() - start,
+                             "logp": getattr(step, "logp", None)})
+        elif command == "step":
+            connection.send(timed(step))
+
+
+class Side:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, side: str, model_dir: Path, malloc: str, threads: int):
+        context = multiprocessing.get_context("spawn")  # no forked JAX or OpenMP state
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=serve, args=(side, model_dir, malloc, threads,
+                                                           theirs), daemon=True)
+        self.process.start()
+        self.note = self.connection.recv()
+
+    def call(self, *command):
+        self.connection.send(command)
+        return self.connection.recv()
+
+    def stop(self) -> None:
+        self.connection.send(("stop",))
+        self.process.join(timeout=60)
+
+
+def buckets_for_images() -> Buckets:
+    return Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +473,10 @@ def main() -> None:
     parser.add_argument("--demo-metrics", type=Path,
                         default=Path("runs/demo/grpo/metrics.jsonl"))
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep: eureka_jax.host_memory.keep_freed_memory() for the whole "
-                        "process (both frameworks), as the eureka-jax CLI does on CPU; default: "
+                        help="keep: eureka_jax.host_memory.keep_freed_memory() in both "
+                        "frameworks' processes, as the eureka-jax command does on CPU; default: "
                         "glibc's allocator as it comes")
     args = parser.parse_args()
-    # Before either framework starts its threads: the arena limit binds only new threads.
-    malloc_note = keep_freed_memory() if args.malloc == "keep" else "host memory: glibc defaults"
-    print(malloc_note)
 
     import torch
 
@@ -400,41 +489,22 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
                                           text_config=TEXT_512, vision_config=VISION_DEPTH_4)
-    processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=IMAGE_PX * IMAGE_PX,
-                                                max_pixels=IMAGE_PX * IMAGE_PX)
-    vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]
-    optim = base_config().optim
-    optim.freeze_vision = False
-    rl = RLConfig(loss="grpo", max_response_length=RESPONSE)
-    ours = JaxStep(hf_io.load_model(model_dir), optim, rl)
-    config = nnx.merge(ours.graphdef, ours.params).config
-    theirs = TorchStep(model_dir, optim, rl, ours.schedule)
-    buckets = Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
+    sides = {name: Side(name, model_dir, args.malloc, args.threads) for name in ("jax", "torch")}
+    print(sides["jax"].note["malloc"])
 
     cases = {}
     for name, with_image in (("text", False), ("one_image", True)):
-        prompts = encode_prompts(processor, with_image, vocab_limit, seed=1)
-        groups = make_groups(prompts, config, vocab_limit, seed=2)
-        batch = collate_groups(groups, buckets, processor.pad_token_id)
-        logp = np.asarray(ours.logprobs(ours.params, jax.device_put(batch)))
-        batch = with_old_logprobs(batch, logp, seed=3)
-        ours.set_batch(batch)
-        theirs.set_batch(torch_inputs(prompts, batch, processor.pad_token_id,
-                                      config.image_token_id), batch)
-        patches = 0 if batch.prompts.vision is None else \
-            batch.prompts.vision.patches_BxPxC.shape[1]
+        case = sides["jax"].call("case", with_image)
+        sides["torch"].call("case", with_image, case["batch"], case["image_token_id"])
+        batch, logp, patches, flops = case["batch"], case["logp"], case["patches"], case["flops"]
+        # Warm-up from weights both sides still share: the response log-probs and the gradient
+        # norms must agree.
+        ours, theirs = sides["jax"].call("warm_up"), sides["torch"].call("warm_up")
+        loss_jax, norm_jax, compile_s = ours["loss"], ours["grad_norm"], ours["seconds"]
+        loss_torch, norm_torch, theirs_logp = theirs["loss"], theirs["grad_norm"], theirs["logp"]
+        runs = interleaved_runs(sides, args.repeats, peak.sample)
+        times = {side: run["ms"] for side, run in runs.items()}
 
-        # Warm-up (the port compiles here), from weights both sides still share: the response
-        # log-probs and the gradient norms must agree.
-        start = time.perf_counter()
-        loss_jax, norm_jax = ours()
-        compile_s = time.perf_counter() - start
-        loss_torch, norm_torch = theirs()
-        theirs_logp = theirs.logp
-        runs = interleaved_ms({"jax": ours, "torch": theirs}, args.repeats, peak.sample)
-        times = {name: run["ms"] for name, run in runs.items()}
-
-        flops = step_flops(config, BATCH, PROMPT, RESPONSE, patches)
         tokens = BATCH * (PROMPT + RESPONSE)
         valid = int(np.asarray(batch.prompts.attention_mask_BxT).sum()) + BATCH * RESPONSE
         jax_ms, torch_ms = statistics.median(times["jax"]), statistics.median(times["torch"])
@@ -484,12 +554,14 @@ def main() -> None:
               f"{demo['finished']}): shares of step time {demo['shares_of_step_time']}")
     else:
         print(f"demo: {demo.get('note')} ({demo['path']})")
+    for side in sides.values():
+        side.stop()
     load_after = os.getloadavg()[0]
     print(json.dumps({
         "benchmark": "train_step", "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(), "load_average": [round(load_before, 2), round(load_after, 2)],
         "torch_threads": args.threads, "repeats": args.repeats, "malloc": args.malloc,
-        "torch_attention": theirs.model.config._attn_implementation,
+        "torch_attention": sides["torch"].note["attention"],
         "matmul_peak_gflops": peaks,
         "matmul_peak_gflops_min_max": peak.ranges(), "batch": {"sequences": BATCH, "prompt": PROMPT,
                                                "response": RESPONSE},
