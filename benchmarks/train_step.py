@@ -92,7 +92,7 @@ from flax import nnx
 from eureka_jax import hf_io, policy, testing
 from eureka_jax.batch import Buckets, TrainBatch
 from eureka_jax.configs_common import base_config
-from eureka_jax.host_memory import keep_freed_memory
+from eureka_jax.host_memory import environment_keeping_freed_memory, keep_freed_memory
 from eureka_jax.metrics import read_metrics
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor, qwen_rows
 from eureka_jax.rl_config import RLConfig
@@ -489,6 +489,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     model_dir = testing.make_hf_model_dir(workdir / "model", initializer_range=0.02,
                                           text_config=TEXT_512, vision_config=VISION_DEPTH_4)
+    if args.malloc == "keep":  # spawned workers inherit it and glibc reads it at their start
+        os.environ.update(environment_keeping_freed_memory(os.environ))
     sides = {name: Side(name, model_dir, args.malloc, args.threads) for name in ("jax", "torch")}
     print(sides["jax"].note["malloc"])
 

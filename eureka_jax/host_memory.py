@@ -55,3 +55,15 @@ def keep_freed_memory() -> str:
     if refused:
         return f"host memory: mallopt refused {', '.join(refused)}"
     return "host memory: freed memory kept in-process (one arena, no mmap, no trimming)"
+
+
+# The same settings for a process not yet started: glibc reads them before any thread exists.
+GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                  "glibc.malloc.trim_threshold=1099511627776")
+
+
+def environment_keeping_freed_memory(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with GLIBC_TUNABLES extended by the settings above, for a child process."""
+    existing = environ.get("GLIBC_TUNABLES")
+    return {**environ, "GLIBC_TUNABLES": f"{existing}:{GLIBC_TUNABLES}" if existing
+            else GLIBC_TUNABLES}
