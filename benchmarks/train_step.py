@@ -44,13 +44,13 @@ load from other processes as the steps do.
 
 Processes and host memory: each framework runs in a worker process of its own (spawned; the
 parent alternates their steps and samples the matmul peak), so each has the heap it would have in
-real use. Both apply eureka_jax.host_memory.keep_freed_memory(), as the eureka-jax command does on
-the CPU backend (`--malloc default` leaves glibc as it comes): freed heap memory is reused rather
-than faulted back in every step. Each step's minor page faults and system CPU seconds are in the
-JSON. On this VM faulting XLA's 1.08 GB temporary buffer in again cost 0.4 s of system time per
-step on a quiet machine and up to 8 s on a busy one. In these worker processes the in-process
-setting does not take (see eureka_jax.host_memory's known limit): the JAX side still faults
-~280k pages per step with it, torch's ~0.
+real use. Both start with eureka_jax.host_memory.GLIBC_TUNABLES in their environment
+(`--malloc default` leaves glibc as it comes): freed heap memory is reused rather than faulted
+back in every step. Each step's minor page faults and system CPU seconds are in the JSON. On this
+VM faulting XLA's 1.08 GB temporary buffer in again cost 0.4 s of system time per step on a quiet
+machine and up to 8 s on a busy one. The in-process mallopt the eureka-jax command uses did not
+take in these workers (host_memory's known limit: the JAX side still faulted ~280k pages per
+step); the environment does (~1k per step in one run).
 
 Demo shares: time/rollout (sampling), time/reward (reward pool, overlapped with the teacher-forced
 log-prob pass) and time/update of each logged step of a demo run. The first two are means per
@@ -92,7 +92,7 @@ from flax import nnx
 from eureka_jax import hf_io, policy, testing
 from eureka_jax.batch import Buckets, TrainBatch
 from eureka_jax.configs_common import base_config
-from eureka_jax.host_memory import environment_keeping_freed_memory, keep_freed_memory
+from eureka_jax.host_memory import environment_keeping_freed_memory
 from eureka_jax.metrics import read_metrics
 from eureka_jax.processing import EncodedPrompt, QwenVLProcessor, qwen_rows
 from eureka_jax.rl_config import RLConfig
@@ -100,6 +100,7 @@ from eureka_jax.rollout import ScoredGroup, collate_groups
 from eureka_jax.train import make_optimizer, make_update_step, split_trainable
 
 BATCH, PROMPT, RESPONSE, IMAGE_PX = 8, 128, 128, 224
+BUCKETS = Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
 WORDS = ("triangle", "area", "base", "height", "circle", "radius", "sum", "angle", "number",
          "square", "length", "width", "total", "value", "equation", "fraction")
 
@@ -332,15 +333,10 @@ def timed(step) -> dict[str, float]:
             "system_s": after.ru_stime - before.ru_stime}
 
 
-def serve(side: str, model_dir: Path, malloc: str, threads: int, connection) -> None:
+def serve(side: str, model_dir: Path, threads: int, connection) -> None:
     """A worker process: builds one framework's step on the saved model and answers the parent's
     calls ("case", "warm_up", "step") until "stop". One process per framework, so each has the
-    heap it would have in real use (in one shared heap torch's allocations kept splitting the
-    space XLA's 1.08 GB temporary buffer is reused from, and ours faulted it in again)."""
-    note = keep_freed_memory() if malloc == "keep" else "host memory: glibc defaults"
-    import torch
-
-    torch.set_num_threads(threads)
+    heap it would have in real use."""
     processor = QwenVLProcessor.from_pretrained(model_dir, min_pixels=IMAGE_PX * IMAGE_PX,
                                                 max_pixels=IMAGE_PX * IMAGE_PX)
     vocab_limit = testing.tiny_token_ids()["<|endoftext|>"]
@@ -351,7 +347,11 @@ def serve(side: str, model_dir: Path, malloc: str, threads: int, connection) -> 
         step = JaxStep(hf_io.load_model(model_dir), optim, rl)
         config = nnx.merge(step.graphdef, step.params).config
     else:
+        import torch
+
+        torch.set_num_threads(threads)
         step = TorchStep(model_dir, optim, rl, make_optimizer(optim, total_updates=1000)[1])
+    note = f"host memory: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(glibc defaults)')}"
     connection.send({"malloc": note, "attention": None if side == "jax" else
                      step.model.config._attn_implementation})
     while True:
@@ -362,18 +362,18 @@ def serve(side: str, model_dir: Path, malloc: str, threads: int, connection) -> 
             (with_image,) = args
             prompts = encode_prompts(processor, with_image, vocab_limit, seed=1)
             groups = make_groups(prompts, config, vocab_limit, seed=2)
-            batch = collate_groups(groups, buckets_for_images(), processor.pad_token_id)
+            batch = collate_groups(groups, BUCKETS, processor.pad_token_id)
             logp = np.asarray(step.logprobs(step.params, jax.device_put(batch)))
             batch = with_old_logprobs(batch, logp, seed=3)
             step.set_batch(batch)
             patches = 0 if batch.prompts.vision is None else \
                 batch.prompts.vision.patches_BxPxC.shape[1]
-            connection.send({"batch": batch, "logp": logp, "patches": patches,
+            connection.send({"prompts": prompts, "batch": batch, "logp": logp,
+                             "patches": patches,
                              "flops": step_flops(config, BATCH, PROMPT, RESPONSE, patches),
                              "image_token_id": config.image_token_id})
-        elif command == "case":  # the same prompts, and the jax worker's batch
-            with_image, batch, image_token_id = args
-            prompts = encode_prompts(processor, with_image, vocab_limit, seed=1)
+        elif command == "case":  # the jax worker's prompts and batch
+            prompts, batch, image_token_id = args
             step.set_batch(torch_inputs(prompts, batch, processor.pad_token_id, image_token_id),
                            batch)
             connection.send(None)
@@ -390,11 +390,11 @@ def serve(side: str, model_dir: Path, malloc: str, threads: int, connection) -> 
 class Side:
     """The parent's handle on one worker process."""
 
-    def __init__(self, side: str, model_dir: Path, malloc: str, threads: int):
+    def __init__(self, side: str, model_dir: Path, threads: int):
         context = multiprocessing.get_context("spawn")  # no forked JAX or OpenMP state
         self.connection, theirs = context.Pipe()
-        self.process = context.Process(target=serve, args=(side, model_dir, malloc, threads,
-                                                           theirs), daemon=True)
+        self.process = context.Process(target=serve, args=(side, model_dir, threads, theirs),
+                                       daemon=True)
         self.process.start()
         self.note = self.connection.recv()
 
@@ -405,10 +405,6 @@ class Side:
     def stop(self) -> None:
         self.connection.send(("stop",))
         self.process.join(timeout=60)
-
-
-def buckets_for_images() -> Buckets:
-    return Buckets(lengths=(PROMPT,), patches=(0, (IMAGE_PX // 14) ** 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,9 +469,8 @@ def main() -> None:
     parser.add_argument("--demo-metrics", type=Path,
                         default=Path("runs/demo/grpo/metrics.jsonl"))
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep: eureka_jax.host_memory.keep_freed_memory() in both "
-                        "frameworks' processes, as the eureka-jax command does on CPU; default: "
-                        "glibc's allocator as it comes")
+                        help="keep: both frameworks' processes start with "
+                        "eureka_jax.host_memory.GLIBC_TUNABLES; default: glibc as it comes")
     args = parser.parse_args()
 
     import torch
@@ -491,13 +486,13 @@ def main() -> None:
                                           text_config=TEXT_512, vision_config=VISION_DEPTH_4)
     if args.malloc == "keep":  # spawned workers inherit it and glibc reads it at their start
         os.environ.update(environment_keeping_freed_memory(os.environ))
-    sides = {name: Side(name, model_dir, args.malloc, args.threads) for name in ("jax", "torch")}
+    sides = {name: Side(name, model_dir, args.threads) for name in ("jax", "torch")}
     print(sides["jax"].note["malloc"])
 
     cases = {}
     for name, with_image in (("text", False), ("one_image", True)):
         case = sides["jax"].call("case", with_image)
-        sides["torch"].call("case", with_image, case["batch"], case["image_token_id"])
+        sides["torch"].call("case", case["prompts"], case["batch"], case["image_token_id"])
         batch, logp, patches, flops = case["batch"], case["logp"], case["patches"], case["flops"]
         # Warm-up from weights both sides still share: the response log-probs and the gradient
         # norms must agree.

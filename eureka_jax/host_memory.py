@@ -13,16 +13,16 @@ system time per step from the second step on (282k and 0.4-3.3 s without); the C
 Known limit: glibc fixes its arena count the first time a thread takes an arena of its own, so
 M_ARENA_MAX binds only if no thread has allocated yet. In benchmarks/train_step.py's spawned
 worker processes it did not bind (the JAX worker still faulted ~280k pages per step). Setting
-GLIBC_TUNABLES before the process starts is the robust route; not done yet.
+GLIBC_TUNABLES (below) before the process starts is the robust route: the benchmark's workers
+start with it (~1k faults per step); the eureka-jax command does not yet.
 
 What it sets, through glibc's mallopt (mallopt(3)):
 - M_ARENA_MAX = 1: one heap for every thread. A thread's own arena cannot grow past 64 MiB and
   maps anything larger directly, whatever the mmap limit says;
 - M_MMAP_MAX = 0: no allocation is served by mmap, all come from the heap;
 - M_TRIM_THRESHOLD = -1: free memory at the top of the heap is never returned to the kernel
-  (mallopt(3): "-1 disables trimming completely"). A finite threshold is not enough: mallopt
-  takes an int, at most 2 GiB, and the free space at the top after one step of
-  benchmarks/train_step.py hovers around that, so some steps trimmed it and faulted it in again.
+  (mallopt(3): "-1 disables trimming completely"; mallopt takes an int, so no finite threshold
+  above 2 GiB can be set this way).
 The cost: the process's resident memory stays at its peak instead of falling between steps.
 Accelerator runs are unaffected in substance (their temporaries live in device memory), which is
 why the CLI applies this only when JAX runs on the CPU. It must run before JAX or torch start
